@@ -1,0 +1,70 @@
+"""SpendService: decode the request, call the core, encode the answer. Proto types never leave this module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
+from spendgate.api.codec import encode_authorize, encode_budget
+from spendgate.api.errors import grpc_errors
+from spendgate.core import SpendCore
+from spendgate.domain import AuthorizeCommand
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
+    """The gRPC face of :class:`~spendgate.core.SpendCore`."""
+
+    def __init__(self, core: SpendCore) -> None:
+        self._core = core
+
+    @grpc_errors
+    async def Authorize(  # noqa: N802 -- gRPC method names are the proto's
+        self, request: spend_pb2.AuthorizeRequest, context: Context
+    ) -> spend_pb2.AuthorizeResponse:
+        """Decide one spend."""
+        command = AuthorizeCommand(
+            wallet_id=request.wallet_id,
+            amount_micros=request.amount_micros,
+            currency=request.currency,
+            idempotency_key=request.idempotency_key,
+            service=request.service,
+            capture=request.capture,
+            metadata=dict(request.metadata),
+        )
+        return encode_authorize(await self._core.authorize(command))
+
+    @grpc_errors
+    async def Capture(  # noqa: N802
+        self, request: spend_pb2.CaptureRequest, context: Context
+    ) -> spend_pb2.CaptureResponse:
+        """Settle a hold."""
+        result = await self._core.capture(request.authorization_id, request.amount_micros, request.idempotency_key)
+        return spend_pb2.CaptureResponse(
+            authorization_id=result.authorization_id,
+            captured_micros=result.captured_micros,
+            released_micros=result.released_micros,
+            hold_state=int(result.hold_state),  # type: ignore[arg-type]
+        )
+
+    @grpc_errors
+    async def Void(  # noqa: N802
+        self, request: spend_pb2.VoidRequest, context: Context
+    ) -> spend_pb2.VoidResponse:
+        """Release a hold."""
+        result = await self._core.void(request.authorization_id)
+        return spend_pb2.VoidResponse(
+            authorization_id=result.authorization_id,
+            released_micros=result.released_micros,
+            hold_state=int(result.hold_state),  # type: ignore[arg-type]
+        )
+
+    @grpc_errors
+    async def GetBudget(  # noqa: N802
+        self, request: spend_pb2.GetBudgetRequest, context: Context
+    ) -> spend_pb2.GetBudgetResponse:
+        """Report a node's budget."""
+        return encode_budget(await self._core.get_budget(request.node_id))

@@ -1,0 +1,182 @@
+"""The composition root: builds the store, the core and the gRPC server from settings, and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
+from spendgate.api.spend import SpendServicer
+from spendgate.clock import Clock, SystemClock
+from spendgate.core import SpendCore
+from spendgate.domain import SpendgateError
+from spendgate.plan import load_plan
+from spendgate.settings import Settings
+from spendgate.store.keys import Keys
+from spendgate.store.redis_store import RedisStore
+
+log = logging.getLogger("spendgate")
+
+SPEND_SERVICE = spend_pb2.DESCRIPTOR.services_by_name["SpendService"].full_name
+HEALTH_PROBE_INTERVAL_S = 1.0
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """Return the Redis client the settings ask for: a real one, or the embedded in-process fakeredis."""
+    if settings.embedded:
+        import fakeredis  # Only the embedded mode needs it; a production server never imports it.
+
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+        return client
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        # One quick reconnect covers a pooled connection that died with a Redis restart; the store's own
+        # deadline bounds the whole call either way.
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+def build_store(settings: Settings, client: aioredis.Redis | None = None) -> RedisStore:
+    """Return the store for the settings."""
+    return RedisStore(
+        client if client is not None else redis_client(settings),
+        keys=Keys(settings.key_prefix),
+        timeout_s=settings.redis_timeout_s,
+        hold_ttl_ms=int(settings.hold_ttl_s * 1000),
+        idempotency_ttl_ms=int(settings.idempotency_ttl_s * 1000),
+        retention_ms=int(settings.hold_retention_s * 1000),
+    )
+
+
+class SpendgateServer:
+    """A running spendgate: the gRPC server, its health service and its background tasks."""
+
+    def __init__(self, settings: Settings, core: SpendCore, server: grpc.aio.Server, health: HealthServicer,
+                 port: int) -> None:
+        self.settings = settings
+        self.core = core
+        self.port = port
+        self._server = server
+        self._health = health
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        """The TCP address clients dial."""
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start serving and the background tasks."""
+        await self._server.start()
+        self._tasks = [asyncio.create_task(self._sweep_forever(), name="sweeper"),
+                       asyncio.create_task(self._probe_forever(), name="health-probe")]
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking calls, let in-flight calls finish within the grace period, then stop the tasks."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.core.store.close()
+
+    async def wait(self) -> None:
+        """Wait until the server stops."""
+        await self._server.wait_for_termination()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                released = await self.core.sweep()
+                if released:
+                    log.info("released %d expired holds", released)
+            except SpendgateError as error:
+                log.warning("hold sweep failed: %s", error)
+            await asyncio.sleep(self.settings.sweep_interval_s)
+
+    async def _probe_forever(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        while True:
+            try:
+                await self.core.store.ping()
+                status = serving
+            except SpendgateError:
+                status = not_serving
+            for service in ("", SPEND_SERVICE):
+                await self._health.set(service, status)
+            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+
+
+async def create_server(settings: Settings, *, clock: Clock | None = None,
+                        client: aioredis.Redis | None = None) -> SpendgateServer:
+    """Build (not start) a server from settings; loads the settings' plan, if any."""
+    store = build_store(settings, client)
+    core = SpendCore(store, clock or SystemClock())
+    if settings.plan:
+        plan = load_plan(settings.plan)
+        await core.apply_plan(plan)
+        log.info("applied plan %s: account %s with %d nodes", settings.plan, plan.account_id, len(plan.nodes))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.message_size_max_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
+    )
+    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SPEND_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if settings.unix_socket:
+        server.add_insecure_port(f"unix:{settings.unix_socket}")
+    return SpendgateServer(settings, core, server, health, port)
+
+
+@contextlib.asynccontextmanager
+async def running_server(settings: Settings, *, clock: Clock | None = None,
+                         client: aioredis.Redis | None = None) -> AsyncIterator[SpendgateServer]:
+    """Run a server for the duration of a ``with`` block (for tests and embedding)."""
+    server = await create_server(settings, clock=clock, client=client)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace_s=1.0)
+
+
+async def serve(settings: Settings) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
+    server = await create_server(settings)
+    await server.start()
+    mode = "embedded (in-process fakeredis)" if settings.embedded else f"redis {settings.redis_url}"
+    log.info("spendgate listening on %s (%s)", server.address, mode)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls (up to %.0f s)", settings.shutdown_grace_s)
+    await server.stop()
+    log.info("stopped")

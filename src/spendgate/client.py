@@ -1,0 +1,194 @@
+"""Typed Python clients: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+Both set an idempotency key on every mutating call when the caller does not, and retry a bounded number of
+times on ``UNAVAILABLE`` and on deadlines with the *same* key, so a retry never charges twice. Errors come
+back as the same exceptions the core raises (:class:`~spendgate.domain.InvalidArgumentError`, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+
+from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
+from spendgate.api.codec import decode_authorize, decode_budget, decode_capture, decode_void
+from spendgate.api.errors import STATUS_OF
+from spendgate.domain import (
+    AuthorizeResult,
+    CaptureResult,
+    NodeBudget,
+    SpendgateError,
+    UnavailableError,
+    VoidResult,
+)
+
+T = TypeVar("T")
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_ERROR_OF = {code: kind for kind, code in STATUS_OF.items()}
+
+
+class RpcError(SpendgateError):
+    """A call that failed with a status the core does not raise on purpose (for example INTERNAL)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a client retries calls that may not have reached the server (bounded, exponential back-off)."""
+
+    attempts_max: int = 4
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 1.0
+
+    def delay_s(self, attempt: int) -> float:
+        """The pause before retry number ``attempt`` (1-based)."""
+        return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1)))
+
+
+def _error(error: grpc.RpcError) -> SpendgateError:
+    code: grpc.StatusCode = error.code()
+    details = error.details() or ""
+    kind = _ERROR_OF.get(code)
+    if kind is not None:
+        return kind(details)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UnavailableError(f"deadline exceeded: {details}")
+    return RpcError(code, details)
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def new_idempotency_key() -> str:
+    """Return a fresh idempotency key."""
+    return uuid.uuid4().hex
+
+
+def _authorize_request(wallet_id: str, amount_micros: int, currency: str, service: str, capture: bool,
+                       metadata: Mapping[str, str] | None, idempotency_key: str | None) -> spend_pb2.AuthorizeRequest:
+    return spend_pb2.AuthorizeRequest(
+        wallet_id=wallet_id, amount_micros=amount_micros, currency=currency, service=service, capture=capture,
+        metadata=dict(metadata or {}), idempotency_key=idempotency_key or new_idempotency_key(),
+    )
+
+
+def _capture_request(authorization_id: str, amount_micros: int, idempotency_key: str | None) -> spend_pb2.CaptureRequest:
+    return spend_pb2.CaptureRequest(authorization_id=authorization_id, amount_micros=amount_micros,
+                                    idempotency_key=idempotency_key or new_idempotency_key())
+
+
+class AsyncClient:
+    """An asyncio client of SpendService."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout_s: float = 2.0,
+                 retry: RetryPolicy | None = None, channel: grpc.aio.Channel | None = None) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)
+        self._metadata = _metadata(token)
+        self._timeout_s = timeout_s
+        self._retry = retry or RetryPolicy()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _call(self, method: Callable[..., Awaitable[Any]], request: Any, decode: Callable[[Any], T]) -> T:
+        for attempt in range(1, self._retry.attempts_max + 1):
+            try:
+                response = await method(request, timeout=self._timeout_s, metadata=self._metadata)
+                return decode(response)
+            except grpc.RpcError as error:
+                if error.code() not in _RETRYABLE or attempt == self._retry.attempts_max:
+                    raise _error(error) from None
+            await asyncio.sleep(self._retry.delay_s(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    async def authorize(self, wallet_id: str, amount_micros: int, *, currency: str = "USD", service: str = "",
+                        capture: bool = False, metadata: Mapping[str, str] | None = None,
+                        idempotency_key: str | None = None) -> AuthorizeResult:
+        """Ask to spend ``amount_micros`` from a wallet; a denial is a result, not an error."""
+        request = _authorize_request(wallet_id, amount_micros, currency, service, capture, metadata, idempotency_key)
+        return await self._call(self._stub.Authorize, request, decode_authorize)
+
+    async def capture(self, authorization_id: str, amount_micros: int, *,
+                      idempotency_key: str | None = None) -> CaptureResult:
+        """Settle a hold fully or partially."""
+        request = _capture_request(authorization_id, amount_micros, idempotency_key)
+        return await self._call(self._stub.Capture, request, decode_capture)
+
+    async def void(self, authorization_id: str) -> VoidResult:
+        """Release a hold."""
+        return await self._call(self._stub.Void, spend_pb2.VoidRequest(authorization_id=authorization_id),
+                                decode_void)
+
+    async def get_budget(self, node_id: str) -> NodeBudget:
+        """Report a node's budget."""
+        return await self._call(self._stub.GetBudget, spend_pb2.GetBudgetRequest(node_id=node_id), decode_budget)
+
+
+class Client:
+    """A blocking client of SpendService; the same methods as :class:`AsyncClient`."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout_s: float = 2.0,
+                 retry: RetryPolicy | None = None, channel: grpc.Channel | None = None) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)
+        self._metadata = _metadata(token)
+        self._timeout_s = timeout_s
+        self._retry = retry or RetryPolicy()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, decode: Callable[[Any], T]) -> T:
+        for attempt in range(1, self._retry.attempts_max + 1):
+            try:
+                return decode(method(request, timeout=self._timeout_s, metadata=self._metadata))
+            except grpc.RpcError as error:
+                if error.code() not in _RETRYABLE or attempt == self._retry.attempts_max:
+                    raise _error(error) from None
+            time.sleep(self._retry.delay_s(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def authorize(self, wallet_id: str, amount_micros: int, *, currency: str = "USD", service: str = "",
+                  capture: bool = False, metadata: Mapping[str, str] | None = None,
+                  idempotency_key: str | None = None) -> AuthorizeResult:
+        """Ask to spend ``amount_micros`` from a wallet; a denial is a result, not an error."""
+        request = _authorize_request(wallet_id, amount_micros, currency, service, capture, metadata, idempotency_key)
+        return self._call(self._stub.Authorize, request, decode_authorize)
+
+    def capture(self, authorization_id: str, amount_micros: int, *, idempotency_key: str | None = None) -> CaptureResult:
+        """Settle a hold fully or partially."""
+        return self._call(self._stub.Capture, _capture_request(authorization_id, amount_micros, idempotency_key),
+                          decode_capture)
+
+    def void(self, authorization_id: str) -> VoidResult:
+        """Release a hold."""
+        return self._call(self._stub.Void, spend_pb2.VoidRequest(authorization_id=authorization_id), decode_void)
+
+    def get_budget(self, node_id: str) -> NodeBudget:
+        """Report a node's budget."""
+        return self._call(self._stub.GetBudget, spend_pb2.GetBudgetRequest(node_id=node_id), decode_budget)

@@ -1,0 +1,145 @@
+"""The core: validates requests, finds chains and windows, and hands each decision to the store's scripts.
+
+It holds no limit logic of its own (that lives in the Lua scripts) and no driver (it is handed a
+:class:`~spendgate.store.protocol.SpendStore`) and never reads the time itself (it is handed a clock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+
+from spendgate.clock import Clock
+from spendgate.domain import (
+    AccountPlan,
+    AuthorizeCommand,
+    AuthorizeResult,
+    CaptureResult,
+    InvalidArgumentError,
+    NodeBudget,
+    UnavailableError,
+    VoidResult,
+    check_amount,
+    check_currency,
+    check_id,
+    check_idempotency_key,
+    check_metadata,
+    check_service,
+)
+from spendgate.store.protocol import Chain, SpendStore, StaleChainError
+from spendgate.windows import windows_at
+
+_AUTHORIZATION_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+AUTHORIZATION_ID_LENGTH_MAX = 64 + 1 + 32
+
+
+def new_authorization_id(account_id: str) -> str:
+    """Return a fresh authorization id; it names its account so a capture needs no lookup."""
+    return f"{account_id}:{uuid.uuid4().hex}"
+
+
+def parse_authorization_id(authorization_id: str) -> str:
+    """Return the account id inside an authorization id, or raise :class:`InvalidArgumentError`."""
+    if not authorization_id:
+        raise InvalidArgumentError("authorization_id is required: pass the id Authorize returned")
+    account_id, _, token = authorization_id.rpartition(":")
+    if len(authorization_id) > AUTHORIZATION_ID_LENGTH_MAX or not account_id or not _AUTHORIZATION_TOKEN.match(token):
+        raise InvalidArgumentError(
+            f"authorization_id {authorization_id[:100]!r} is malformed: pass the id Authorize returned"
+        )
+    check_id(account_id, "the account in authorization_id")
+    return account_id
+
+
+def fingerprint(command: AuthorizeCommand) -> str:
+    """Return a digest of everything that makes two authorization requests the same request."""
+    canonical = json.dumps(
+        [command.wallet_id, command.amount_micros, command.currency, command.service, command.capture,
+         sorted(command.metadata.items())],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class SpendCore:
+    """Authorize, capture, void and report budgets over a store."""
+
+    def __init__(self, store: SpendStore, clock: Clock, *, chain_cache_size_max: int = 100_000,
+                 stale_retries_max: int = 3) -> None:
+        self.store = store
+        self.clock = clock
+        self._chains: dict[str, Chain] = {}
+        self._chain_cache_size_max = chain_cache_size_max
+        self._stale_retries_max = stale_retries_max
+
+    async def _chain(self, wallet_id: str) -> Chain:
+        chain = self._chains.get(wallet_id)
+        if chain is None:
+            chain = await self.store.resolve_wallet(wallet_id)
+            if len(self._chains) >= self._chain_cache_size_max:
+                # A bound, not an LRU: refilling costs one resolve per wallet, and the cache stays small.
+                self._chains.clear()
+            self._chains[wallet_id] = chain
+        return chain
+
+    async def authorize(self, command: AuthorizeCommand) -> AuthorizeResult:
+        """Validate, then decide in one script call; denials are results, bad input raises."""
+        result, _ = await self.authorize_with_replay(command)
+        return result
+
+    async def authorize_with_replay(self, command: AuthorizeCommand) -> tuple[AuthorizeResult, bool]:
+        """Like :meth:`authorize`, also saying whether the answer was a replay of an earlier request."""
+        check_id(command.wallet_id, "wallet_id")
+        check_amount(command.amount_micros)
+        check_currency(command.currency)
+        check_idempotency_key(command.idempotency_key)
+        check_service(command.service)
+        check_metadata(command.metadata)
+        digest = fingerprint(command)
+        for _ in range(self._stale_retries_max):
+            chain = await self._chain(command.wallet_id)
+            now_ms = self.clock.now_ms()
+            try:
+                return await self.store.authorize(
+                    chain, command, authorization_id=new_authorization_id(chain.account_id), fingerprint=digest,
+                    windows=windows_at(now_ms, chain.time_zone), now_ms=now_ms,
+                )
+            except StaleChainError:
+                self._chains.pop(command.wallet_id, None)
+        raise UnavailableError(f"the tree of wallet {command.wallet_id!r} kept changing; retry")
+
+    async def capture(self, authorization_id: str, amount_micros: int, idempotency_key: str) -> CaptureResult:
+        """Settle a hold fully or partially."""
+        account_id = parse_authorization_id(authorization_id)
+        check_amount(amount_micros)
+        check_idempotency_key(idempotency_key)
+        return await self.store.capture(account_id, authorization_id, amount_micros, idempotency_key,
+                                        self.clock.now_ms())
+
+    async def void(self, authorization_id: str) -> VoidResult:
+        """Release a hold."""
+        account_id = parse_authorization_id(authorization_id)
+        return await self.store.void(account_id, authorization_id, self.clock.now_ms())
+
+    async def get_budget(self, node_id: str) -> NodeBudget:
+        """Report a node's budget in the windows open now."""
+        check_id(node_id, "node_id")
+        account_id = await self.store.account_of(node_id)
+        info = await self.store.account_info(account_id)
+        now_ms = self.clock.now_ms()
+        return await self.store.budget(account_id, node_id, windows_at(now_ms, info.time_zone), now_ms)
+
+    async def sweep(self) -> int:
+        """Release every expired hold of every account; return how many were released."""
+        released = 0
+        for account_id in await self.store.account_ids():
+            # Bounded batches; an account with a backlog is revisited on the next sweep.
+            released += await self.store.expire_holds(account_id, self.clock.now_ms())
+        return released
+
+    async def apply_plan(self, plan: AccountPlan) -> None:
+        """Create or reconfigure an account's nodes from a plan."""
+        await self.store.put_plan(plan)
+        self._chains.clear()

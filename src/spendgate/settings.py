@@ -1,0 +1,73 @@
+"""One frozen settings object, read from ``SPENDGATE_*`` environment variables and overridden by flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from spendgate.domain import InvalidArgumentError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a spendgate process can be configured with. Units are named last."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # A unix socket path to listen on as well (for sidecars); empty for none.
+    unix_socket: str = ""
+    # Without a Redis URL the server runs the same Lua scripts on an in-process fakeredis.
+    redis_url: str = ""
+    redis_timeout_s: float = 0.25
+    key_prefix: str = "sg"
+    hold_ttl_s: float = 300.0
+    idempotency_ttl_s: float = 86_400.0
+    # How long a captured, voided or expired hold is remembered, to answer late captures precisely.
+    hold_retention_s: float = 86_400.0
+    sweep_interval_s: float = 1.0
+    shutdown_grace_s: float = 10.0
+    # Where the embedded default keeps its ledger; empty database_url means SQLite under data_dir.
+    data_dir: str = ".spendgate"
+    database_url: str = ""
+    plan: str = ""
+    log_level: str = "INFO"
+    message_size_max_bytes: int = 64 * 1024
+    concurrent_rpcs_max: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in ("redis_timeout_s", "hold_ttl_s", "idempotency_ttl_s", "hold_retention_s", "sweep_interval_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgumentError(f"{name} must be positive")
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgumentError(f"port {self.port} is not a TCP port")
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the server runs on the in-process fakeredis."""
+        return not self.redis_url
+
+
+def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = field.type
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as error:
+        raise InvalidArgumentError(f"SPENDGATE_{field.name.upper()}={raw!r} is not a {kind}") from error
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``SPENDGATE_<NAME>`` variables, then apply non-``None`` overrides (flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        raw = environ.get(f"SPENDGATE_{field.name.upper()}")
+        if raw is not None:
+            values[field.name] = _convert(field, raw)
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""Hot state in Redis: keys, Lua scripts and the store that runs them."""

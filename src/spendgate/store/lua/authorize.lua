@@ -1,0 +1,199 @@
+-- authorize.lua: decide one spend over a wallet's whole chain, atomically, and hold (or settle) the money.
+--
+-- KEYS[1]    the account's holds zset (hold keys scored by expiry, ms)
+-- KEYS[2]    the account's ledger outbox stream
+-- KEYS[3]    the idempotency record of this (wallet, idempotency key)
+-- KEYS[4]    the hold to create
+-- KEYS[5..]  the chain's node hashes: the wallet first, the account last
+-- ARGV[1]    now_ms              the caller's clock, milliseconds since the Unix epoch
+-- ARGV[2]    topo                the account's tree version the caller resolved the chain at
+-- ARGV[3]    amount_micros       positive integer string, at most 1e15
+-- ARGV[4]    currency            ISO 4217 code
+-- ARGV[5]    service             what is paid for ('' = unnamed)
+-- ARGV[6]    capture             '1' to settle at once, '0' to hold
+-- ARGV[7]    fingerprint         digest of the whole request, for exact idempotency
+-- ARGV[8]    hold_ttl_ms         how long an uncaptured hold lives
+-- ARGV[9]    idempotency_ttl_ms  how long the answer is kept for replays
+-- ARGV[10]   retention_ms        how long a resolved hold record is kept (to answer late captures)
+-- ARGV[11]   authorization_id    the id of the hold to create
+-- ARGV[12..15] day, week, month, minute window ids at now_ms in the account's time zone
+-- ARGV[16]   metadata            JSON object, stored for billing
+-- ARGV[17]   idempotency_key     the client's key, stored for billing
+-- ARGV[18]   expire_count_max    how many expired holds to release before deciding
+-- ARGV[19..] the chain's node ids, in the order of KEYS[5..]
+--
+-- Returns {'OK', decision, authorization_id, reason, denied_node, denied_window, tight_node, tight_window,
+--          tight_limit, tight_remaining, hold_expires_at_ms, hold_state, captured_micros, denied_limit,
+--          denied_used, replayed}
+--      or {'ERR', code, detail} with code STALE_CHAIN, IDEMPOTENCY_CONFLICT or CURRENCY_MISMATCH; an error
+--         changes nothing.
+-- decision: 1 approved, 2 denied. reason: 0 none, 1 frozen, 2 service not allowed, 3 per-transaction,
+-- 4 velocity, 5 window (the precedence: a lower reason anywhere on the chain wins; within a reason the node
+-- nearest the wallet, then day, week, month, total). Windows: 1 day, 2 week, 3 month, 4 total, 5 minute.
+--
+-- Invariant: an approval leaves every limited window of every node with spent + held <= limit, and holds
+-- that expired at or before now_ms never count against it.
+
+local now_ms = ARGV[1]
+local amount_str = ARGV[3]
+local amount = tonumber(amount_str)
+local capture = ARGV[6] == '1'
+local chain_length = #KEYS - 4
+local account_key = KEYS[#KEYS]
+
+-- 1. The chain the caller resolved must still be the account's tree.
+local account = redis.call('HMGET', account_key, 'topo', 'cur')
+if account[1] ~= ARGV[2] then
+  return {'ERR', 'STALE_CHAIN', tostring(account[1])}
+end
+
+-- 2. Idempotency: the same key answers the same request once; a different request is refused.
+local record = redis.call('HMGET', KEYS[3], 'fp', 'r')
+if record[1] then
+  if record[1] ~= ARGV[7] then
+    return {'ERR', 'IDEMPOTENCY_CONFLICT', ''}
+  end
+  local replay = split(record[2], '\t')
+  replay[#replay + 1] = '1'
+  return replay
+end
+
+if account[2] ~= ARGV[4] then
+  return {'ERR', 'CURRENCY_MISMATCH', tostring(account[2])}
+end
+
+-- 3. Expired holds give their money back before anything is counted.
+expire_due(KEYS[1], now_ms, tonumber(ARGV[18]), ARGV[10])
+
+local wins = effective_windows(account_key, {d = ARGV[12], w = ARGV[13], m = ARGV[14]})
+local minute = ARGV[15]
+local service = ARGV[5]
+
+-- 4. Read every node once.
+local FIELDS = {'frz', 'svc', 'ptx', 'vel', 'v:id', 'v:n',
+  'l:d', 'd:id', 'd:s', 'd:h', 'l:w', 'w:id', 'w:s', 'w:h',
+  'l:m', 'm:id', 'm:s', 'm:h', 'l:t', 't:id', 't:s', 't:h'}
+local nodes = {}
+for i = 1, chain_length do
+  local v = redis.call('HMGET', KEYS[4 + i], unpack(FIELDS))
+  local node = {key = KEYS[4 + i], id = ARGV[18 + i], frozen = v[1] and v[1] ~= '', services = v[2],
+    ptx = v[3], vel = v[4], windows = {}}
+  node.velocity_used = (v[5] and v[5] >= minute) and num(v[6]) or 0
+  for j, w in ipairs(WINDOWS) do
+    local base = 6 + (j - 1) * 4
+    local limit, wid, spent, held = v[base + 1], v[base + 2], v[base + 3], v[base + 4]
+    local used = 0
+    if wid == wins[w] then
+      used = num(spent) + num(held)
+    end
+    node.windows[w] = {limit = limit and tonumber(limit) or nil, used = used}
+  end
+  nodes[i] = node
+end
+
+-- 5. Decide, in order of precedence.
+local reason, denied_node, denied_window, denied_limit, denied_used = 0, '', 0, 0, 0
+local function deny(code, node, window, limit, used)
+  reason, denied_node, denied_window, denied_limit, denied_used = code, node.id, window, limit, used
+end
+
+for _, node in ipairs(nodes) do
+  if node.frozen then deny(1, node, 0, 0, 0) break end
+end
+if reason == 0 then
+  for _, node in ipairs(nodes) do
+    if node.services and node.services ~= '' then
+      local allowed = false
+      for _, s in ipairs(split(node.services, '\n')) do
+        if s == service then allowed = true break end
+      end
+      if not allowed then deny(2, node, 0, 0, 0) break end
+    end
+  end
+end
+if reason == 0 then
+  for _, node in ipairs(nodes) do
+    if node.ptx and amount > tonumber(node.ptx) then deny(3, node, 0, tonumber(node.ptx), 0) break end
+  end
+end
+if reason == 0 then
+  for _, node in ipairs(nodes) do
+    if node.vel and node.velocity_used + 1 > tonumber(node.vel) then
+      deny(4, node, 5, tonumber(node.vel), node.velocity_used)
+      break
+    end
+  end
+end
+if reason == 0 then
+  for _, node in ipairs(nodes) do
+    for _, w in ipairs(WINDOWS) do
+      local window = node.windows[w]
+      if window.limit and window.used + amount > window.limit then
+        deny(5, node, WINDOW_CODE[w], window.limit, window.used)
+        break
+      end
+    end
+    if reason ~= 0 then break end
+  end
+end
+
+-- 6. Apply an approval: hold (or settle) on every window of every node, count the transaction per minute.
+local authorization_id, hold_expires_at, hold_state, captured = '', 0, 0, 0
+if reason == 0 then
+  authorization_id = ARGV[11]
+  local kind = capture and 's' or 'h'
+  local keys, ids = {}, {}
+  for i, node in ipairs(nodes) do
+    for _, w in ipairs(WINDOWS) do
+      window_add(node.key, w, wins[w], kind, amount_str)
+      node.windows[w].used = node.windows[w].used + amount
+    end
+    if node.vel then
+      local stored_minute = redis.call('HGET', node.key, 'v:id')
+      if stored_minute and stored_minute >= minute then
+        redis.call('HINCRBY', node.key, 'v:n', 1)
+      else
+        redis.call('HSET', node.key, 'v:id', minute, 'v:n', '1')
+      end
+    end
+    keys[i], ids[i] = node.key, node.id
+  end
+  local hold_key = KEYS[4]
+  local expires_at = tonumber(now_ms) + tonumber(ARGV[8])
+  redis.call('HSET', hold_key, 'st', capture and CAPTURED or HELD, 'amt', amount_str,
+    'exp', int_str(expires_at), 'at', now_ms, 'keys', table.concat(keys, ','), 'ids', table.concat(ids, ','),
+    'win', wins.d .. ',' .. wins.w .. ',' .. wins.m, 'svc', service, 'md', ARGV[16], 'cur', ARGV[4],
+    'ik', ARGV[17], 'wal', ids[1])
+  if capture then
+    hold_state, captured = CAPTURED, amount
+    redis.call('HSET', hold_key, 'cap', amount_str, 'ck', ARGV[17])
+    redis.call('PEXPIRE', hold_key, ARGV[10])
+    outbox_append(KEYS[2], hold_key, authorization_id, amount_str, now_ms)
+  else
+    hold_state, hold_expires_at = HELD, expires_at
+    redis.call('ZADD', KEYS[1], int_str(expires_at), hold_key)
+  end
+end
+
+-- 7. The tightest window on the chain after this decision.
+local tight_node, tight_window, tight_limit, tight_remaining = '', 0, 0, -1
+for _, node in ipairs(nodes) do
+  for _, w in ipairs(WINDOWS) do
+    local window = node.windows[w]
+    if window.limit then
+      local remaining = math.max(0, window.limit - window.used)
+      if tight_remaining < 0 or remaining < tight_remaining then
+        tight_node, tight_window, tight_limit, tight_remaining = node.id, WINDOW_CODE[w], window.limit, remaining
+      end
+    end
+  end
+end
+if tight_remaining < 0 then tight_remaining = 0 end
+
+local result = {'OK', int_str(reason == 0 and 1 or 2), authorization_id, int_str(reason), denied_node,
+  int_str(denied_window), tight_node, int_str(tight_window), int_str(tight_limit), int_str(tight_remaining),
+  int_str(hold_expires_at), int_str(hold_state), int_str(captured), int_str(denied_limit), int_str(denied_used)}
+redis.call('HSET', KEYS[3], 'fp', ARGV[7], 'r', table.concat(result, '\t'))
+redis.call('PEXPIRE', KEYS[3], ARGV[9])
+result[#result + 1] = '0'
+return result

@@ -1,0 +1,34 @@
+-- void.lua: release a hold without spending any of it.
+--
+-- KEYS[1]  the account's holds zset
+-- KEYS[2]  the hold
+-- ARGV[1]  now_ms        the caller's clock, milliseconds since the Unix epoch
+-- ARGV[2]  retention_ms  how long the resolved hold record is kept
+--
+-- Returns {'OK', released_micros, replayed}
+--      or {'ERR', code, detail} with code NOT_FOUND, ALREADY_CAPTURED or EXPIRED; an error changes nothing,
+--         except that a hold found expired is released exactly as the sweeper would have released it.
+--
+-- Invariant: a hold is captured or voided once; voiding a voided hold answers as the first void did.
+
+local hold_key = KEYS[2]
+local h = redis.call('HMGET', hold_key, 'st', 'amt', 'exp')
+if not h[1] then
+  return {'ERR', 'NOT_FOUND', ''}
+end
+local state = tonumber(h[1])
+if state == VOIDED then
+  return {'OK', h[2], '1'}
+end
+if state == CAPTURED then
+  return {'ERR', 'ALREADY_CAPTURED', h[2]}
+end
+if state == EXPIRED then
+  return {'ERR', 'EXPIRED', h[2]}
+end
+if tonumber(h[3]) <= tonumber(ARGV[1]) then
+  release_hold(hold_key, KEYS[1], EXPIRED, ARGV[2])
+  return {'ERR', 'EXPIRED', h[2]}
+end
+release_hold(hold_key, KEYS[1], VOIDED, ARGV[2])
+return {'OK', h[2], '0'}

@@ -1,0 +1,108 @@
+"""The store interface the core depends on. The core never imports a Redis driver; it is handed a store."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+from spendgate.domain import AccountPlan, AuthorizeCommand, AuthorizeResult, CaptureResult, NodeBudget, VoidResult
+from spendgate.windows import WindowIds
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chain:
+    """A wallet's chain up to its account, as resolved at tree version ``topo``."""
+
+    account_id: str
+    node_ids: tuple[str, ...]
+    topo: str
+    currency: str
+    time_zone: str
+
+    @property
+    def wallet_id(self) -> str:
+        """The wallet at the bottom of the chain."""
+        return self.node_ids[0]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccountInfo:
+    """What the core needs to know of an account to name its windows."""
+
+    account_id: str
+    currency: str
+    time_zone: str
+
+
+class StaleChainError(Exception):
+    """The tree changed since the chain was resolved; resolve it again and retry."""
+
+
+class SpendStore(Protocol):
+    """Hot state: node configuration, window counters, holds, idempotency records and the ledger outbox.
+
+    Every method that decides or changes money is one atomic script call.
+    """
+
+    async def account_of(self, node_id: str) -> str:
+        """Return the account a node belongs to; raise ``NotFoundError`` if there is no such node."""
+        ...
+
+    async def account_info(self, account_id: str) -> AccountInfo:
+        """Return an account's currency and time zone."""
+        ...
+
+    async def resolve_wallet(self, wallet_id: str) -> Chain:
+        """Return a wallet's chain; raise ``NotFoundError`` for an unknown wallet or a node that is not one."""
+        ...
+
+    async def authorize(
+        self,
+        chain: Chain,
+        command: AuthorizeCommand,
+        *,
+        authorization_id: str,
+        fingerprint: str,
+        windows: WindowIds,
+        now_ms: int,
+    ) -> tuple[AuthorizeResult, bool]:
+        """Decide and apply one authorization; return the result and whether it was a replay.
+
+        Raises :class:`StaleChainError` when the chain changed, ``AlreadyExistsError`` when the idempotency
+        key was used for another request, ``InvalidArgumentError`` for a currency that is not the account's.
+        """
+        ...
+
+    async def capture(
+        self, account_id: str, authorization_id: str, amount_micros: int, idempotency_key: str, now_ms: int
+    ) -> CaptureResult:
+        """Settle a hold fully or partially."""
+        ...
+
+    async def void(self, account_id: str, authorization_id: str, now_ms: int) -> VoidResult:
+        """Release a hold."""
+        ...
+
+    async def budget(self, account_id: str, node_id: str, windows: WindowIds, now_ms: int) -> NodeBudget:
+        """Return a node's budget in the windows open at ``now_ms``."""
+        ...
+
+    async def expire_holds(self, account_id: str, now_ms: int) -> int:
+        """Release one batch of an account's expired holds; return how many were released."""
+        ...
+
+    async def account_ids(self) -> list[str]:
+        """Return every account id of the deployment."""
+        ...
+
+    async def put_plan(self, plan: AccountPlan) -> None:
+        """Create or reconfigure every node of an account's plan, keeping their counters."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise ``UnavailableError`` when the store cannot be reached."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

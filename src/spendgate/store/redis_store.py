@@ -1,0 +1,360 @@
+"""The Redis store: runs the Lua scripts, and turns their replies into domain values.
+
+It works the same over a real Redis (``redis.asyncio``) and the embedded in-process fakeredis, since both run
+the same scripts. Every call is bounded by ``timeout_s``; a Redis that is down or slow raises
+:class:`~spendgate.domain.UnavailableError` and never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.resources
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from spendgate.domain import (
+    AccountPlan,
+    AlreadyExistsError,
+    AuthorizeCommand,
+    AuthorizeResult,
+    CaptureResult,
+    Decision,
+    DenyReason,
+    FailedPreconditionError,
+    HoldState,
+    InvalidArgumentError,
+    NodeBudget,
+    NodeKind,
+    NodeSpec,
+    NodeWindow,
+    NotFoundError,
+    RemainingBudget,
+    UnavailableError,
+    VoidResult,
+    Window,
+    WindowBudget,
+)
+from spendgate.money import format_amount
+from spendgate.store.keys import Keys
+from spendgate.store.protocol import AccountInfo, Chain, StaleChainError
+from spendgate.windows import WindowIds
+
+_SCRIPTS = ("authorize", "capture", "void", "expire", "budget", "resolve", "put_node")
+_KIND_NAMES = {NodeKind.ACCOUNT: "account", NodeKind.POOL: "pool", NodeKind.WALLET: "wallet"}
+_KINDS = {name: kind for kind, name in _KIND_NAMES.items()}
+_WINDOW_WORDS = {Window.DAY: "day", Window.WEEK: "week", Window.MONTH: "month", Window.TOTAL: "total",
+                 Window.MINUTE: "minute"}
+
+# Failures that mean "Redis is not answering", as opposed to a bug in a script or in this module.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.ReadOnlyError,
+    TimeoutError,
+    OSError,
+)
+
+
+def load_script_source(name: str) -> str:
+    """Return a script's source with the shared library prepended (one atomic chunk per script)."""
+    lua = importlib.resources.files("spendgate.store") / "lua"
+    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+def explain(result: AuthorizeResult, *, limit: int, used: int, amount_micros: int, currency: str) -> str:
+    """Say in a sentence why a decision went the way it did."""
+    if result.decision is Decision.APPROVED:
+        verb = "settled" if result.hold_state is HoldState.CAPTURED else "held"
+        return f"approved: {format_amount(amount_micros, currency)} {verb}"
+    node = result.denied_by.node_id if result.denied_by else "?"
+    match result.deny_reason:
+        case DenyReason.FROZEN:
+            return f"denied: {node} is frozen"
+        case DenyReason.SERVICE_NOT_ALLOWED:
+            return f"denied: {node} does not allow this service"
+        case DenyReason.PER_TRANSACTION_LIMIT:
+            return (f"denied: {format_amount(amount_micros, currency)} is above the per-transaction limit of "
+                    f"{node} ({format_amount(limit, currency)})")
+        case DenyReason.VELOCITY_LIMIT:
+            return f"denied: {node} already approved {used} of its {limit} transactions this minute"
+        case _:
+            window = _WINDOW_WORDS.get(result.denied_by.window if result.denied_by else Window.NONE, "?")
+            return (f"denied: {format_amount(amount_micros, currency)} would take {node} past its {window} limit "
+                    f"of {format_amount(limit, currency)} ({format_amount(used, currency)} spent or held)")
+
+
+class RedisStore:
+    """A :class:`~spendgate.store.protocol.SpendStore` over Redis (or fakeredis) and the Lua scripts."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        keys: Keys | None = None,
+        timeout_s: float = 0.25,
+        hold_ttl_ms: int = 300_000,
+        idempotency_ttl_ms: int = 86_400_000,
+        retention_ms: int = 86_400_000,
+        expire_count_max: int = 10_000,
+    ) -> None:
+        self._client = client
+        self.keys = keys or Keys()
+        self._timeout_s = timeout_s
+        self.hold_ttl_ms = hold_ttl_ms
+        self._idempotency_ttl_ms = idempotency_ttl_ms
+        self._retention_ms = retention_ms
+        # Releasing expired holds before a decision is what keeps them from blocking it. The bound is large:
+        # the sweeper normally leaves nothing for an authorization to release, and a backlog (after a
+        # sweeper outage) is paid for once, by the first calls after it.
+        self._expire_count_max = expire_count_max
+        self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The underlying Redis client (for the ledger writer and for tests)."""
+        return self._client
+
+    async def _call(self, coroutine: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await coroutine
+        except _OUTAGES as error:
+            raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error
+
+    async def _run(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
+        reply = await self._call(self._scripts[script](keys=list(keys), args=list(args)))
+        return list(reply) if isinstance(reply, list) else [reply]
+
+    # ------------------------------------------------------------------------------------------------
+    # Lookups.
+
+    async def account_of(self, node_id: str) -> str:
+        """Return the account a node belongs to."""
+        account = await self._call(self._client.get(self.keys.node_index(node_id)))
+        if account is None:
+            raise NotFoundError(f"no node {node_id!r}: check the id, or apply a plan that defines it")
+        return str(account)
+
+    async def account_info(self, account_id: str) -> AccountInfo:
+        """Return an account's currency and time zone."""
+        currency, time_zone = await self._call(
+            self._client.hmget(self.keys.node(account_id, account_id), ["cur", "tz"])
+        )
+        if currency is None:
+            raise NotFoundError(f"no account {account_id!r}")
+        return AccountInfo(account_id=account_id, currency=str(currency), time_zone=str(time_zone))
+
+    async def resolve_wallet(self, wallet_id: str) -> Chain:
+        """Return a wallet's chain up to its account."""
+        try:
+            account_id = await self.account_of(wallet_id)
+        except NotFoundError:
+            raise NotFoundError(f"no wallet {wallet_id!r}: check the id, or apply a plan that defines it") from None
+        reply = await self._run("resolve", [self.keys.node(account_id, wallet_id)], [])
+        if reply[0] == "ERR":
+            if reply[1] == "NOT_A_WALLET":
+                raise InvalidArgumentError(f"{wallet_id!r} is a {reply[2]}, not a wallet: agents spend from wallets")
+            raise NotFoundError(f"no wallet {wallet_id!r}")
+        count = int(reply[4])
+        node_ids = tuple(str(reply[5 + 2 * i]) for i in range(count))
+        return Chain(account_id=account_id, node_ids=node_ids, topo=str(reply[1]), currency=str(reply[2]),
+                     time_zone=str(reply[3]))
+
+    async def account_ids(self) -> list[str]:
+        """Return every account id."""
+        return sorted(str(a) for a in await self._call(self._client.smembers(self.keys.accounts())))
+
+    async def ping(self) -> None:
+        """Raise ``UnavailableError`` if Redis does not answer."""
+        await self._call(self._client.ping())
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    # ------------------------------------------------------------------------------------------------
+    # Money.
+
+    async def authorize(
+        self,
+        chain: Chain,
+        command: AuthorizeCommand,
+        *,
+        authorization_id: str,
+        fingerprint: str,
+        windows: WindowIds,
+        now_ms: int,
+    ) -> tuple[AuthorizeResult, bool]:
+        """Decide and apply one authorization in one script call."""
+        account = chain.account_id
+        keys = [
+            self.keys.holds(account),
+            self.keys.outbox(account),
+            self.keys.idempotency(account, chain.wallet_id, command.idempotency_key),
+            self.keys.hold(account, authorization_id),
+            *(self.keys.node(account, node_id) for node_id in chain.node_ids),
+        ]
+        args: list[str | int] = [
+            now_ms, chain.topo, command.amount_micros, command.currency, command.service,
+            "1" if command.capture else "0", fingerprint, self.hold_ttl_ms, self._idempotency_ttl_ms,
+            self._retention_ms, authorization_id, windows.day, windows.week, windows.month, windows.minute,
+            json.dumps(dict(command.metadata), sort_keys=True, separators=(",", ":")), command.idempotency_key,
+            self._expire_count_max, *chain.node_ids,
+        ]
+        reply = await self._run("authorize", keys, args)
+        if reply[0] == "ERR":
+            code, detail = reply[1], reply[2]
+            if code == "STALE_CHAIN":
+                raise StaleChainError(detail)
+            if code == "IDEMPOTENCY_CONFLICT":
+                raise AlreadyExistsError(
+                    f"idempotency_key {command.idempotency_key!r} was already used for a different request on "
+                    f"wallet {chain.wallet_id!r}; use a new key for a new request"
+                )
+            if code == "CURRENCY_MISMATCH":
+                raise InvalidArgumentError(
+                    f"currency {command.currency!r} is not the currency of account {account!r} ({detail})"
+                )
+            raise RuntimeError(f"authorize.lua answered an unknown error {code!r}")
+        decision = Decision(int(reply[1]))
+        reason = DenyReason(int(reply[3]))
+        tight_window = Window(int(reply[7]))
+        result = AuthorizeResult(
+            decision=decision,
+            authorization_id=str(reply[2]),
+            deny_reason=reason,
+            denied_by=NodeWindow(str(reply[4]), Window(int(reply[5]))) if decision is Decision.DENIED else None,
+            remaining=RemainingBudget(str(reply[6]), tight_window, int(reply[8]), int(reply[9]))
+            if tight_window is not Window.NONE else None,
+            hold_expires_at_ms=int(reply[10]),
+            hold_state=HoldState(int(reply[11])),
+            captured_micros=int(reply[12]),
+        )
+        message = explain(result, limit=int(reply[13]), used=int(reply[14]), amount_micros=command.amount_micros,
+                          currency=command.currency)
+        return dataclasses.replace(result, message=message), reply[15] == "1"
+
+    async def capture(
+        self, account_id: str, authorization_id: str, amount_micros: int, idempotency_key: str, now_ms: int
+    ) -> CaptureResult:
+        """Settle a hold fully or partially; the rest is released."""
+        keys = [self.keys.holds(account_id), self.keys.outbox(account_id), self.keys.hold(account_id, authorization_id)]
+        args: list[str | int] = [now_ms, amount_micros, idempotency_key, self._retention_ms, authorization_id]
+        reply = await self._run("capture", keys, args)
+        if reply[0] == "ERR":
+            raise _hold_error("capture", authorization_id, str(reply[1]), str(reply[2]), amount_micros)
+        return CaptureResult(authorization_id=authorization_id, captured_micros=int(reply[1]),
+                             released_micros=int(reply[2]))
+
+    async def void(self, account_id: str, authorization_id: str, now_ms: int) -> VoidResult:
+        """Release a hold."""
+        keys = [self.keys.holds(account_id), self.keys.hold(account_id, authorization_id)]
+        reply = await self._run("void", keys, [now_ms, self._retention_ms])
+        if reply[0] == "ERR":
+            raise _hold_error("void", authorization_id, str(reply[1]), str(reply[2]), 0)
+        return VoidResult(authorization_id=authorization_id, released_micros=int(reply[1]))
+
+    async def expire_holds(self, account_id: str, now_ms: int) -> int:
+        """Release one batch of an account's expired holds."""
+        reply = await self._run("expire", [self.keys.holds(account_id)],
+                                [now_ms, self._expire_count_max, self._retention_ms])
+        return int(reply[0])
+
+    async def budget(self, account_id: str, node_id: str, windows: WindowIds, now_ms: int) -> NodeBudget:
+        """Return a node's budget in the windows open at ``now_ms``."""
+        keys = [self.keys.node(account_id, node_id), self.keys.node(account_id, account_id),
+                self.keys.holds(account_id)]
+        args: list[str | int] = [now_ms, windows.day, windows.week, windows.month, windows.minute,
+                                 self._expire_count_max, self._retention_ms]
+        reply = await self._run("budget", keys, args)
+        if reply[0] == "ERR":
+            raise NotFoundError(f"no node {node_id!r}")
+        ids = {Window.DAY: str(reply[10]), Window.WEEK: str(reply[11]), Window.MONTH: str(reply[12]),
+               Window.TOTAL: "all"}
+        window_budgets = []
+        for index, window in enumerate((Window.DAY, Window.WEEK, Window.MONTH, Window.TOTAL)):
+            limit, spent, held = reply[13 + 3 * index: 16 + 3 * index]
+            window_budgets.append(WindowBudget(
+                window=window, window_id=ids[window], limit_micros=int(limit) if limit != "" else None,
+                spent_micros=int(spent), held_micros=int(held),
+                ends_at_ms=windows.ends_at_ms(window) if ids[window] == windows.id_of(window) else 0,
+            ))
+        return NodeBudget(
+            node_id=node_id, kind=_KINDS[str(reply[1])], parent_id=str(reply[2]) or None, account_id=account_id,
+            currency=str(reply[8]), time_zone=str(reply[9]), frozen_reason=str(reply[3]),
+            per_transaction_micros=int(reply[5]) if reply[5] != "" else None,
+            velocity_per_minute=int(reply[6]) if reply[6] != "" else None,
+            velocity_used=int(reply[7] or 0),
+            allowed_services=tuple(str(reply[4]).split("\n")) if reply[4] != "" else (),
+            windows=tuple(window_budgets),
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Configuration.
+
+    async def put_plan(self, plan: AccountPlan) -> None:
+        """Create or reconfigure every node of a plan (parents first), keeping their counters."""
+        account = plan.account_id
+        for node in plan.nodes:
+            parent_key = self.keys.node(account, node.parent_id) if node.parent_id else ""
+            fields = _node_fields(node, plan, parent_key)
+            keys = [self.keys.node(account, node.node_id), self.keys.node(account, account),
+                    self.keys.node_index(node.node_id), self.keys.accounts(), parent_key]
+            reply = await self._run("put_node", keys, [account, *fields])
+            if reply[0] == "ERR":
+                if reply[1] == "OTHER_ACCOUNT":
+                    raise InvalidArgumentError(
+                        f"node id {node.node_id!r} already belongs to account {reply[2]!r}; ids are unique "
+                        "across the deployment"
+                    )
+                raise InvalidArgumentError(f"node {node.node_id!r} names a parent {node.parent_id!r} that does not exist")
+
+
+def _node_fields(node: NodeSpec, plan: AccountPlan, parent_key: str) -> list[str]:
+    """Return the configuration fields of a node's hash (see _lib.lua for their meaning)."""
+    limits = node.limits
+    fields = ["id", node.node_id, "kind", _KIND_NAMES[node.kind], "frz", node.frozen_reason]
+    if node.parent_id:
+        fields += ["parent", node.parent_id, "pkey", parent_key]
+    for name, value in (("ptx", limits.per_transaction_micros), ("l:d", limits.day_micros),
+                        ("l:w", limits.week_micros), ("l:m", limits.month_micros), ("l:t", limits.total_micros),
+                        ("vel", limits.velocity_per_minute)):
+        if value is not None:
+            fields += [name, str(value)]
+    if limits.allowed_services:
+        fields += ["svc", "\n".join(limits.allowed_services)]
+    if node.kind is NodeKind.ACCOUNT:
+        fields += ["cur", plan.currency, "tz", plan.time_zone]
+    return fields
+
+
+def _hold_error(action: str, authorization_id: str, code: str, detail: str, amount_micros: int) -> Exception:
+    match code:
+        case "NOT_FOUND":
+            return NotFoundError(f"no authorization {authorization_id!r} (unknown, or resolved over a day ago)")
+        case "ALREADY_CAPTURED" if action == "capture":
+            return FailedPreconditionError(
+                f"cannot capture {authorization_id}: it was already captured ({detail} micros) by another "
+                "request; a hold is captured or voided once"
+            )
+        case "ALREADY_CAPTURED":
+            return FailedPreconditionError(f"cannot void {authorization_id}: it was already captured")
+        case "VOIDED":
+            return FailedPreconditionError(f"cannot {action} {authorization_id}: it was voided")
+        case "EXPIRED":
+            return FailedPreconditionError(
+                f"cannot {action} {authorization_id}: its hold expired and the money was released; authorize again"
+            )
+        case "ABOVE_HOLD":
+            return InvalidArgumentError(
+                f"cannot capture {amount_micros} micros on {authorization_id}: only {detail} micros are held"
+            )
+    return RuntimeError(f"{action}.lua answered an unknown error {code!r}")
