@@ -66,8 +66,9 @@ def build_store(settings: Settings, client: aioredis.Redis | None = None) -> Red
 class SpendgateServer:
     """A running spendgate: the gRPC server, its health service and its background tasks."""
 
-    def __init__(self, settings: Settings, core: SpendCore, server: grpc.aio.Server, health: HealthServicer,
-                 port: int) -> None:
+    def __init__(
+        self, settings: Settings, core: SpendCore, server: grpc.aio.Server, health: HealthServicer, port: int
+    ) -> None:
         self.settings = settings
         self.core = core
         self.port = port
@@ -84,8 +85,10 @@ class SpendgateServer:
     async def start(self) -> None:
         """Start serving and the background tasks."""
         await self._server.start()
-        self._tasks = [asyncio.create_task(self._sweep_forever(), name="sweeper"),
-                       asyncio.create_task(self._probe_forever(), name="health-probe")]
+        self._tasks = [
+            asyncio.create_task(self._sweep_forever(), name="sweeper"),
+            asyncio.create_task(self._probe_forever(), name="health-probe"),
+        ]
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish within the grace period, then stop the tasks."""
@@ -126,8 +129,9 @@ class SpendgateServer:
             await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
 
 
-async def create_server(settings: Settings, *, clock: Clock | None = None,
-                        client: aioredis.Redis | None = None) -> SpendgateServer:
+async def create_server(
+    settings: Settings, *, clock: Clock | None = None, client: aioredis.Redis | None = None
+) -> SpendgateServer:
     """Build (not start) a server from settings; loads the settings' plan, if any."""
     store = build_store(settings, client)
     core = SpendCore(store, clock or SystemClock())
@@ -142,11 +146,13 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         ],
         maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
     )
-    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core), server)
+    # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
+    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SPEND_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SPEND_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if settings.unix_socket:
@@ -155,8 +161,9 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings, *, clock: Clock | None = None,
-                         client: aioredis.Redis | None = None) -> AsyncIterator[SpendgateServer]:
+async def running_server(
+    settings: Settings, *, clock: Clock | None = None, client: aioredis.Redis | None = None
+) -> AsyncIterator[SpendgateServer]:
     """Run a server for the duration of a ``with`` block (for tests and embedding)."""
     server = await create_server(settings, clock=clock, client=client)
     await server.start()

@@ -32,8 +32,14 @@ EXIT_DENIED = 1
 EXIT_ERROR = 2
 T = TypeVar("T")
 
-_WINDOW_NAMES = {Window.DAY: "day", Window.WEEK: "week", Window.MONTH: "month", Window.TOTAL: "total",
-                 Window.MINUTE: "minute", Window.NONE: ""}
+_WINDOW_NAMES = {
+    Window.DAY: "day",
+    Window.WEEK: "week",
+    Window.MONTH: "month",
+    Window.TOTAL: "total",
+    Window.MINUTE: "minute",
+    Window.NONE: "",
+}
 
 console = Console()
 error_console = Console(stderr=True, soft_wrap=True)
@@ -80,34 +86,72 @@ def _jsonable(value: Any) -> Any:
 
 
 @click.group()
-@click.option("--target", envvar="SPENDGATE_TARGET", default="127.0.0.1:50051", show_default=True,
-              help="The server to talk to (host:port or unix:/path).")
+@click.option(
+    "--target",
+    envvar="SPENDGATE_TARGET",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="The server to talk to (host:port or unix:/path).",
+)
 @click.option("--token", envvar="SPENDGATE_TOKEN", default=None, help="Bearer token sent with every call.")
-@click.option("--timeout", envvar="SPENDGATE_TIMEOUT_S", default=5.0, show_default=True, type=float,
-              help="Seconds to wait for each call.")
+@click.option(
+    "--timeout",
+    envvar="SPENDGATE_TIMEOUT_S",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Seconds to wait for each call.",
+)
 def cli(target: str, token: str | None, timeout: float) -> None:
     """spendgate: real-time spend authorization for fleets of AI agents."""
 
 
 @cli.command()
-@click.option("--plan", "plan", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A plan file (YAML) to load at start, e.g. examples/fleet.yaml.")
+@click.option(
+    "--plan",
+    "plan",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A plan file (YAML) to load at start, e.g. examples/fleet.yaml.",
+)
 @click.option("--host", default=None, help="Interface to listen on [SPENDGATE_HOST, default 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="TCP port [SPENDGATE_PORT, default 50051].")
 @click.option("--unix-socket", default=None, help="Also listen on this unix socket [SPENDGATE_UNIX_SOCKET].")
-@click.option("--redis-url", default=None,
-              help="Redis to use [SPENDGATE_REDIS_URL]; without one the embedded in-process store runs.")
-@click.option("--hold-ttl", "hold_ttl_s", type=float, default=None,
-              help="Seconds an uncaptured hold lives [SPENDGATE_HOLD_TTL_S, default 300].")
+@click.option(
+    "--redis-url",
+    default=None,
+    help="Redis to use [SPENDGATE_REDIS_URL]; without one the embedded in-process store runs.",
+)
+@click.option(
+    "--hold-ttl",
+    "hold_ttl_s",
+    type=float,
+    default=None,
+    help="Seconds an uncaptured hold lives [SPENDGATE_HOLD_TTL_S, default 300].",
+)
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING [SPENDGATE_LOG_LEVEL].")
-def serve(plan: str | None, host: str | None, port: int | None, unix_socket: str | None, redis_url: str | None,
-          hold_ttl_s: float | None, log_level: str | None) -> None:
+def serve(
+    plan: str | None,
+    host: str | None,
+    port: int | None,
+    unix_socket: str | None,
+    redis_url: str | None,
+    hold_ttl_s: float | None,
+    log_level: str | None,
+) -> None:
     """Run the server until SIGTERM or Ctrl-C (in-flight calls finish first)."""
     from spendgate.app import serve as run_server
 
     try:
-        settings = load_settings(plan=plan, host=host, port=port, unix_socket=unix_socket, redis_url=redis_url,
-                                 hold_ttl_s=hold_ttl_s, log_level=log_level)
+        settings = load_settings(
+            plan=plan,
+            host=host,
+            port=port,
+            unix_socket=unix_socket,
+            redis_url=redis_url,
+            hold_ttl_s=hold_ttl_s,
+            log_level=log_level,
+        )
     except SpendgateError as error:
         fail(str(error))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -126,8 +170,11 @@ def serve(plan: str | None, host: str | None, port: int | None, unix_socket: str
 def _print_decision(result: AuthorizeResult, amount_micros: int) -> None:
     currency = "USD"
     if result.approved:
-        console.print(f"[bold green]APPROVED[/] {format_amount(amount_micros, currency)}  "
-                      f"authorization [bold]{result.authorization_id}[/]", highlight=False)
+        console.print(
+            f"[bold green]APPROVED[/] {format_amount(amount_micros, currency)}  "
+            f"authorization [bold]{result.authorization_id}[/]",
+            highlight=False,
+        )
         if result.hold_expires_at_ms:
             console.print(f"  held until {_time(result.hold_expires_at_ms)}", highlight=False)
     else:
@@ -139,9 +186,12 @@ def _print_decision(result: AuthorizeResult, amount_micros: int) -> None:
     console.print(f"  {result.message}", highlight=False)
     if result.remaining is not None:
         remaining = result.remaining
-        console.print(f"  remaining: {format_amount(remaining.remaining_micros, currency)} of "
-                      f"{format_amount(remaining.limit_micros, currency)} "
-                      f"({remaining.node_id} {_WINDOW_NAMES[remaining.window]})", highlight=False)
+        console.print(
+            f"  remaining: {format_amount(remaining.remaining_micros, currency)} of "
+            f"{format_amount(remaining.limit_micros, currency)} "
+            f"({remaining.node_id} {_WINDOW_NAMES[remaining.window]})",
+            highlight=False,
+        )
 
 
 def _time(ms: int) -> str:
@@ -160,8 +210,17 @@ def _time(ms: int) -> str:
 @click.option("--key", "idempotency_key", default=None, help="Idempotency key (a fresh one by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def authorize(context: click.Context, wallet: str, amount: str, service: str, capture: bool, currency: str,
-              metadata: tuple[str, ...], idempotency_key: str | None, as_json: bool) -> None:
+def authorize(
+    context: click.Context,
+    wallet: str,
+    amount: str,
+    service: str,
+    capture: bool,
+    currency: str,
+    metadata: tuple[str, ...],
+    idempotency_key: str | None,
+    as_json: bool,
+) -> None:
     """Ask to spend AMOUNT (in currency units, e.g. 0.25 or $1) from WALLET."""
     micros = _amount(amount)
     labels = {}
@@ -171,8 +230,17 @@ def authorize(context: click.Context, wallet: str, amount: str, service: str, ca
             fail(f"--meta {item!r} must look like KEY=VALUE")
         labels[key] = value
     with _client(context) as client:
-        result = _call(lambda: client.authorize(wallet, micros, currency=currency, service=service,
-                                                capture=capture, metadata=labels, idempotency_key=idempotency_key))
+        result = _call(
+            lambda: client.authorize(
+                wallet,
+                micros,
+                currency=currency,
+                service=service,
+                capture=capture,
+                metadata=labels,
+                idempotency_key=idempotency_key,
+            )
+        )
     if as_json:
         click.echo(json.dumps(_jsonable(result), indent=2))
     else:
@@ -191,8 +259,11 @@ def capture(context: click.Context, authorization_id: str, amount: str, idempote
     micros = _amount(amount)
     with _client(context) as client:
         result = _call(lambda: client.capture(authorization_id, micros, idempotency_key=idempotency_key))
-    console.print(f"[bold green]CAPTURED[/] {format_amount(result.captured_micros)}, released "
-                  f"{format_amount(result.released_micros)}  ({result.authorization_id})", highlight=False)
+    console.print(
+        f"[bold green]CAPTURED[/] {format_amount(result.captured_micros)}, released "
+        f"{format_amount(result.released_micros)}  ({result.authorization_id})",
+        highlight=False,
+    )
 
 
 @cli.command()
@@ -202,8 +273,10 @@ def void(context: click.Context, authorization_id: str) -> None:
     """Release a hold without spending."""
     with _client(context) as client:
         result = _call(lambda: client.void(authorization_id))
-    console.print(f"[bold yellow]VOIDED[/] released {format_amount(result.released_micros)}  "
-                  f"({result.authorization_id})", highlight=False)
+    console.print(
+        f"[bold yellow]VOIDED[/] released {format_amount(result.released_micros)}  ({result.authorization_id})",
+        highlight=False,
+    )
 
 
 def budget_table(budget: NodeBudget) -> Table:
@@ -217,9 +290,11 @@ def budget_table(budget: NodeBudget) -> Table:
     for window in budget.windows:
         limit = window.limit_micros
         table.add_row(
-            _WINDOW_NAMES[window.window], window.window_id,
+            _WINDOW_NAMES[window.window],
+            window.window_id,
             format_amount(limit, currency) if limit is not None else "-",
-            format_amount(window.spent_micros, currency), format_amount(window.held_micros, currency),
+            format_amount(window.spent_micros, currency),
+            format_amount(window.held_micros, currency),
             format_amount(window.remaining_micros, currency) if window.remaining_micros is not None else "-",
         )
     return table

@@ -74,26 +74,51 @@ def new_idempotency_key() -> str:
     return uuid.uuid4().hex
 
 
-def _authorize_request(wallet_id: str, amount_micros: int, currency: str, service: str, capture: bool,
-                       metadata: Mapping[str, str] | None, idempotency_key: str | None) -> spend_pb2.AuthorizeRequest:
+def _authorize_request(
+    wallet_id: str,
+    amount_micros: int,
+    currency: str,
+    service: str,
+    capture: bool,
+    metadata: Mapping[str, str] | None,
+    idempotency_key: str | None,
+) -> spend_pb2.AuthorizeRequest:
     return spend_pb2.AuthorizeRequest(
-        wallet_id=wallet_id, amount_micros=amount_micros, currency=currency, service=service, capture=capture,
-        metadata=dict(metadata or {}), idempotency_key=idempotency_key or new_idempotency_key(),
+        wallet_id=wallet_id,
+        amount_micros=amount_micros,
+        currency=currency,
+        service=service,
+        capture=capture,
+        metadata=dict(metadata or {}),
+        idempotency_key=idempotency_key or new_idempotency_key(),
     )
 
 
-def _capture_request(authorization_id: str, amount_micros: int, idempotency_key: str | None) -> spend_pb2.CaptureRequest:
-    return spend_pb2.CaptureRequest(authorization_id=authorization_id, amount_micros=amount_micros,
-                                    idempotency_key=idempotency_key or new_idempotency_key())
+def _capture_request(
+    authorization_id: str, amount_micros: int, idempotency_key: str | None
+) -> spend_pb2.CaptureRequest:
+    return spend_pb2.CaptureRequest(
+        authorization_id=authorization_id,
+        amount_micros=amount_micros,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+    )
 
 
 class AsyncClient:
     """An asyncio client of SpendService."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout_s: float = 2.0,
-                 retry: RetryPolicy | None = None, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        timeout_s: float = 2.0,
+        retry: RetryPolicy | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self._channel = channel or grpc.aio.insecure_channel(target)
-        self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)
+        # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
+        self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = _metadata(token)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
@@ -106,7 +131,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def _call(self, method: Callable[..., Awaitable[Any]], request: Any, decode: Callable[[Any], T]) -> T:
         for attempt in range(1, self._retry.attempts_max + 1):
@@ -119,23 +144,31 @@ class AsyncClient:
             await asyncio.sleep(self._retry.delay_s(attempt))
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
-    async def authorize(self, wallet_id: str, amount_micros: int, *, currency: str = "USD", service: str = "",
-                        capture: bool = False, metadata: Mapping[str, str] | None = None,
-                        idempotency_key: str | None = None) -> AuthorizeResult:
+    async def authorize(
+        self,
+        wallet_id: str,
+        amount_micros: int,
+        *,
+        currency: str = "USD",
+        service: str = "",
+        capture: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AuthorizeResult:
         """Ask to spend ``amount_micros`` from a wallet; a denial is a result, not an error."""
         request = _authorize_request(wallet_id, amount_micros, currency, service, capture, metadata, idempotency_key)
         return await self._call(self._stub.Authorize, request, decode_authorize)
 
-    async def capture(self, authorization_id: str, amount_micros: int, *,
-                      idempotency_key: str | None = None) -> CaptureResult:
+    async def capture(
+        self, authorization_id: str, amount_micros: int, *, idempotency_key: str | None = None
+    ) -> CaptureResult:
         """Settle a hold fully or partially."""
         request = _capture_request(authorization_id, amount_micros, idempotency_key)
         return await self._call(self._stub.Capture, request, decode_capture)
 
     async def void(self, authorization_id: str) -> VoidResult:
         """Release a hold."""
-        return await self._call(self._stub.Void, spend_pb2.VoidRequest(authorization_id=authorization_id),
-                                decode_void)
+        return await self._call(self._stub.Void, spend_pb2.VoidRequest(authorization_id=authorization_id), decode_void)
 
     async def get_budget(self, node_id: str) -> NodeBudget:
         """Report a node's budget."""
@@ -145,10 +178,18 @@ class AsyncClient:
 class Client:
     """A blocking client of SpendService; the same methods as :class:`AsyncClient`."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, timeout_s: float = 2.0,
-                 retry: RetryPolicy | None = None, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        timeout_s: float = 2.0,
+        retry: RetryPolicy | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self._channel = channel or grpc.insecure_channel(target)
-        self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)
+        # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
+        self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = _metadata(token)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
@@ -173,17 +214,30 @@ class Client:
             time.sleep(self._retry.delay_s(attempt))
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
-    def authorize(self, wallet_id: str, amount_micros: int, *, currency: str = "USD", service: str = "",
-                  capture: bool = False, metadata: Mapping[str, str] | None = None,
-                  idempotency_key: str | None = None) -> AuthorizeResult:
+    def authorize(
+        self,
+        wallet_id: str,
+        amount_micros: int,
+        *,
+        currency: str = "USD",
+        service: str = "",
+        capture: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AuthorizeResult:
         """Ask to spend ``amount_micros`` from a wallet; a denial is a result, not an error."""
         request = _authorize_request(wallet_id, amount_micros, currency, service, capture, metadata, idempotency_key)
         return self._call(self._stub.Authorize, request, decode_authorize)
 
-    def capture(self, authorization_id: str, amount_micros: int, *, idempotency_key: str | None = None) -> CaptureResult:
+    def capture(
+        self, authorization_id: str, amount_micros: int, *, idempotency_key: str | None = None
+    ) -> CaptureResult:
         """Settle a hold fully or partially."""
-        return self._call(self._stub.Capture, _capture_request(authorization_id, amount_micros, idempotency_key),
-                          decode_capture)
+        return self._call(
+            self._stub.Capture,
+            _capture_request(authorization_id, amount_micros, idempotency_key),
+            decode_capture,
+        )
 
     def void(self, authorization_id: str) -> VoidResult:
         """Release a hold."""

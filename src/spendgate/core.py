@@ -56,8 +56,14 @@ def parse_authorization_id(authorization_id: str) -> str:
 def fingerprint(command: AuthorizeCommand) -> str:
     """Return a digest of everything that makes two authorization requests the same request."""
     canonical = json.dumps(
-        [command.wallet_id, command.amount_micros, command.currency, command.service, command.capture,
-         sorted(command.metadata.items())],
+        [
+            command.wallet_id,
+            command.amount_micros,
+            command.currency,
+            command.service,
+            command.capture,
+            sorted(command.metadata.items()),
+        ],
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -66,8 +72,14 @@ def fingerprint(command: AuthorizeCommand) -> str:
 class SpendCore:
     """Authorize, capture, void and report budgets over a store."""
 
-    def __init__(self, store: SpendStore, clock: Clock, *, chain_cache_size_max: int = 100_000,
-                 stale_retries_max: int = 3) -> None:
+    def __init__(
+        self,
+        store: SpendStore,
+        clock: Clock,
+        *,
+        chain_cache_size_max: int = 100_000,
+        stale_retries_max: int = 3,
+    ) -> None:
         self.store = store
         self.clock = clock
         self._chains: dict[str, Chain] = {}
@@ -103,8 +115,12 @@ class SpendCore:
             now_ms = self.clock.now_ms()
             try:
                 return await self.store.authorize(
-                    chain, command, authorization_id=new_authorization_id(chain.account_id), fingerprint=digest,
-                    windows=windows_at(now_ms, chain.time_zone), now_ms=now_ms,
+                    chain,
+                    command,
+                    authorization_id=new_authorization_id(chain.account_id),
+                    fingerprint=digest,
+                    windows=windows_at(now_ms, chain.time_zone),
+                    now_ms=now_ms,
                 )
             except StaleChainError:
                 self._chains.pop(command.wallet_id, None)
@@ -115,8 +131,9 @@ class SpendCore:
         account_id = parse_authorization_id(authorization_id)
         check_amount(amount_micros)
         check_idempotency_key(idempotency_key)
-        return await self.store.capture(account_id, authorization_id, amount_micros, idempotency_key,
-                                        self.clock.now_ms())
+        return await self.store.capture(
+            account_id, authorization_id, amount_micros, idempotency_key, self.clock.now_ms()
+        )
 
     async def void(self, authorization_id: str) -> VoidResult:
         """Release a hold."""

@@ -41,8 +41,13 @@ from spendgate.windows import zone
 
 # The scripts walk at most 32 levels from a wallet to its account.
 DEPTH_MAX = 32
-_MONEY_LIMITS = {"per_transaction": "per_transaction_micros", "day": "day_micros", "week": "week_micros",
-                 "month": "month_micros", "total": "total_micros"}
+_MONEY_LIMITS = {
+    "per_transaction": "per_transaction_micros",
+    "day": "day_micros",
+    "week": "week_micros",
+    "month": "month_micros",
+    "total": "total_micros",
+}
 _LIMIT_KEYS = {*_MONEY_LIMITS, "velocity_per_minute", "allowed_services"}
 VELOCITY_MAX = 1_000_000
 
@@ -105,9 +110,15 @@ def _node(raw: Any, kind: NodeKind, parent: str, where: str, depth: int, nodes: 
     node_id = _check_id(node.get("id"), f"{where}.id")
     if depth > DEPTH_MAX:
         raise PlanError(f"{where}: the tree is deeper than {DEPTH_MAX} levels")
-    nodes.append(NodeSpec(node_id=node_id, kind=kind, parent_id=parent,
-                          limits=parse_limits(node.get("limits"), f"{where}.limits"),
-                          frozen_reason=_frozen(node.get("frozen"), f"{where}.frozen")))
+    nodes.append(
+        NodeSpec(
+            node_id=node_id,
+            kind=kind,
+            parent_id=parent,
+            limits=parse_limits(node.get("limits"), f"{where}.limits"),
+            frozen_reason=_frozen(node.get("frozen"), f"{where}.frozen"),
+        )
+    )
     for index, child in enumerate(_list(node.get("pools"), f"{where}.pools")):
         _node(child, NodeKind.POOL, node_id, f"{where}.pools[{index}]", depth + 1, nodes)
     for index, child in enumerate(_list(node.get("wallets"), f"{where}.wallets")):
@@ -145,9 +156,15 @@ def parse_plan(document: Any, source: str = "plan") -> AccountPlan:
         zone(time_zone)
     except InvalidArgumentError as error:
         raise PlanError(f"account: {error}") from error
-    nodes = [NodeSpec(node_id=account_id, kind=NodeKind.ACCOUNT, parent_id=None,
-                      limits=parse_limits(account.get("limits"), "account.limits"),
-                      frozen_reason=_frozen(account.get("frozen"), "account.frozen"))]
+    nodes = [
+        NodeSpec(
+            node_id=account_id,
+            kind=NodeKind.ACCOUNT,
+            parent_id=None,
+            limits=parse_limits(account.get("limits"), "account.limits"),
+            frozen_reason=_frozen(account.get("frozen"), "account.frozen"),
+        )
+    ]
     for index, pool in enumerate(_list(top.get("pools"), "pools")):
         _node(pool, NodeKind.POOL, account_id, f"pools[{index}]", 2, nodes)
     for index, wallet in enumerate(_list(top.get("wallets"), "wallets")):

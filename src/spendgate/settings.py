@@ -37,7 +37,13 @@ class Settings:
     concurrent_rpcs_max: int = 10_000
 
     def __post_init__(self) -> None:
-        for name in ("redis_timeout_s", "hold_ttl_s", "idempotency_ttl_s", "hold_retention_s", "sweep_interval_s"):
+        for name in (
+            "redis_timeout_s",
+            "hold_ttl_s",
+            "idempotency_ttl_s",
+            "hold_retention_s",
+            "sweep_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise InvalidArgumentError(f"{name} must be positive")
         if not 0 <= self.port <= 65535:

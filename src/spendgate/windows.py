@@ -54,7 +54,9 @@ def zone(name: str) -> zoneinfo.ZoneInfo:
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:
-        raise InvalidArgumentError(f"unknown time zone {name!r}: use an IANA name such as UTC or Europe/Paris") from error
+        raise InvalidArgumentError(
+            f"unknown time zone {name!r}: use an IANA name such as UTC or Europe/Paris"
+        ) from error
 
 
 def _ms(moment: datetime.datetime) -> int:

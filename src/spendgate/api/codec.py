@@ -72,7 +72,6 @@ def encode_budget(budget: NodeBudget) -> spend_pb2.GetBudgetResponse:
     )
 
 
-
 def decode_authorize(response: spend_pb2.AuthorizeResponse) -> AuthorizeResult:
     """Decode a decision."""
     return AuthorizeResult(
@@ -80,10 +79,16 @@ def decode_authorize(response: spend_pb2.AuthorizeResponse) -> AuthorizeResult:
         authorization_id=response.authorization_id,
         deny_reason=DenyReason(response.deny_reason),
         denied_by=NodeWindow(response.denied_by.node_id, Window(response.denied_by.window))
-        if response.HasField("denied_by") else None,
-        remaining=RemainingBudget(response.remaining.node_id, Window(response.remaining.window),
-                                  response.remaining.limit_micros, response.remaining.remaining_micros)
-        if response.HasField("remaining") else None,
+        if response.HasField("denied_by")
+        else None,
+        remaining=RemainingBudget(
+            response.remaining.node_id,
+            Window(response.remaining.window),
+            response.remaining.limit_micros,
+            response.remaining.remaining_micros,
+        )
+        if response.HasField("remaining")
+        else None,
         hold_expires_at_ms=response.hold_expires_at_ms,
         hold_state=HoldState(response.hold_state),
         captured_micros=response.captured_micros,
@@ -93,8 +98,12 @@ def decode_authorize(response: spend_pb2.AuthorizeResponse) -> AuthorizeResult:
 
 def decode_capture(response: spend_pb2.CaptureResponse) -> CaptureResult:
     """Decode a capture."""
-    return CaptureResult(response.authorization_id, response.captured_micros, response.released_micros,
-                         HoldState(response.hold_state))
+    return CaptureResult(
+        response.authorization_id,
+        response.captured_micros,
+        response.released_micros,
+        HoldState(response.hold_state),
+    )
 
 
 def decode_void(response: spend_pb2.VoidResponse) -> VoidResult:

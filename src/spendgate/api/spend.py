@@ -22,9 +22,7 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
         self._core = core
 
     @grpc_errors
-    async def Authorize(  # noqa: N802 -- gRPC method names are the proto's
-        self, request: spend_pb2.AuthorizeRequest, context: Context
-    ) -> spend_pb2.AuthorizeResponse:
+    async def Authorize(self, request: spend_pb2.AuthorizeRequest, context: Context) -> spend_pb2.AuthorizeResponse:
         """Decide one spend."""
         command = AuthorizeCommand(
             wallet_id=request.wallet_id,
@@ -38,9 +36,7 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
         return encode_authorize(await self._core.authorize(command))
 
     @grpc_errors
-    async def Capture(  # noqa: N802
-        self, request: spend_pb2.CaptureRequest, context: Context
-    ) -> spend_pb2.CaptureResponse:
+    async def Capture(self, request: spend_pb2.CaptureRequest, context: Context) -> spend_pb2.CaptureResponse:
         """Settle a hold."""
         result = await self._core.capture(request.authorization_id, request.amount_micros, request.idempotency_key)
         return spend_pb2.CaptureResponse(
@@ -51,9 +47,7 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
         )
 
     @grpc_errors
-    async def Void(  # noqa: N802
-        self, request: spend_pb2.VoidRequest, context: Context
-    ) -> spend_pb2.VoidResponse:
+    async def Void(self, request: spend_pb2.VoidRequest, context: Context) -> spend_pb2.VoidResponse:
         """Release a hold."""
         result = await self._core.void(request.authorization_id)
         return spend_pb2.VoidResponse(
@@ -63,8 +57,6 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
         )
 
     @grpc_errors
-    async def GetBudget(  # noqa: N802
-        self, request: spend_pb2.GetBudgetRequest, context: Context
-    ) -> spend_pb2.GetBudgetResponse:
+    async def GetBudget(self, request: spend_pb2.GetBudgetRequest, context: Context) -> spend_pb2.GetBudgetResponse:
         """Report a node's budget."""
         return encode_budget(await self._core.get_budget(request.node_id))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from spendgate.domain import AccountPlan, AuthorizeCommand, AuthorizeResult, CaptureResult, NodeBudget, VoidResult
+from spendgate.domain import (
+    AccountPlan,
+    AuthorizeCommand,
+    AuthorizeResult,
+    CaptureResult,
+    NodeBudget,
+    VoidResult,
+)
 from spendgate.windows import WindowIds
 
 

@@ -47,8 +47,13 @@ from spendgate.windows import WindowIds
 _SCRIPTS = ("authorize", "capture", "void", "expire", "budget", "resolve", "put_node")
 _KIND_NAMES = {NodeKind.ACCOUNT: "account", NodeKind.POOL: "pool", NodeKind.WALLET: "wallet"}
 _KINDS = {name: kind for kind, name in _KIND_NAMES.items()}
-_WINDOW_WORDS = {Window.DAY: "day", Window.WEEK: "week", Window.MONTH: "month", Window.TOTAL: "total",
-                 Window.MINUTE: "minute"}
+_WINDOW_WORDS = {
+    Window.DAY: "day",
+    Window.WEEK: "week",
+    Window.MONTH: "month",
+    Window.TOTAL: "total",
+    Window.MINUTE: "minute",
+}
 
 # Failures that mean "Redis is not answering", as opposed to a bug in a script or in this module.
 _OUTAGES: tuple[type[BaseException], ...] = (
@@ -81,14 +86,18 @@ def explain(result: AuthorizeResult, *, limit: int, used: int, amount_micros: in
         case DenyReason.SERVICE_NOT_ALLOWED:
             return f"denied: {node} does not allow this service"
         case DenyReason.PER_TRANSACTION_LIMIT:
-            return (f"denied: {format_amount(amount_micros, currency)} is above the per-transaction limit of "
-                    f"{node} ({format_amount(limit, currency)})")
+            return (
+                f"denied: {format_amount(amount_micros, currency)} is above the per-transaction limit of "
+                f"{node} ({format_amount(limit, currency)})"
+            )
         case DenyReason.VELOCITY_LIMIT:
             return f"denied: {node} already approved {used} of its {limit} transactions this minute"
         case _:
             window = _WINDOW_WORDS.get(result.denied_by.window if result.denied_by else Window.NONE, "?")
-            return (f"denied: {format_amount(amount_micros, currency)} would take {node} past its {window} limit "
-                    f"of {format_amount(limit, currency)} ({format_amount(used, currency)} spent or held)")
+            return (
+                f"denied: {format_amount(amount_micros, currency)} would take {node} past its {window} limit "
+                f"of {format_amount(limit, currency)} ({format_amount(used, currency)} spent or held)"
+            )
 
 
 class RedisStore:
@@ -165,8 +174,13 @@ class RedisStore:
             raise NotFoundError(f"no wallet {wallet_id!r}")
         count = int(reply[4])
         node_ids = tuple(str(reply[5 + 2 * i]) for i in range(count))
-        return Chain(account_id=account_id, node_ids=node_ids, topo=str(reply[1]), currency=str(reply[2]),
-                     time_zone=str(reply[3]))
+        return Chain(
+            account_id=account_id,
+            node_ids=node_ids,
+            topo=str(reply[1]),
+            currency=str(reply[2]),
+            time_zone=str(reply[3]),
+        )
 
     async def account_ids(self) -> list[str]:
         """Return every account id."""
@@ -203,11 +217,25 @@ class RedisStore:
             *(self.keys.node(account, node_id) for node_id in chain.node_ids),
         ]
         args: list[str | int] = [
-            now_ms, chain.topo, command.amount_micros, command.currency, command.service,
-            "1" if command.capture else "0", fingerprint, self.hold_ttl_ms, self._idempotency_ttl_ms,
-            self._retention_ms, authorization_id, windows.day, windows.week, windows.month, windows.minute,
-            json.dumps(dict(command.metadata), sort_keys=True, separators=(",", ":")), command.idempotency_key,
-            self._expire_count_max, *chain.node_ids,
+            now_ms,
+            chain.topo,
+            command.amount_micros,
+            command.currency,
+            command.service,
+            "1" if command.capture else "0",
+            fingerprint,
+            self.hold_ttl_ms,
+            self._idempotency_ttl_ms,
+            self._retention_ms,
+            authorization_id,
+            windows.day,
+            windows.week,
+            windows.month,
+            windows.minute,
+            json.dumps(dict(command.metadata), sort_keys=True, separators=(",", ":")),
+            command.idempotency_key,
+            self._expire_count_max,
+            *chain.node_ids,
         ]
         reply = await self._run("authorize", keys, args)
         if reply[0] == "ERR":
@@ -233,26 +261,37 @@ class RedisStore:
             deny_reason=reason,
             denied_by=NodeWindow(str(reply[4]), Window(int(reply[5]))) if decision is Decision.DENIED else None,
             remaining=RemainingBudget(str(reply[6]), tight_window, int(reply[8]), int(reply[9]))
-            if tight_window is not Window.NONE else None,
+            if tight_window is not Window.NONE
+            else None,
             hold_expires_at_ms=int(reply[10]),
             hold_state=HoldState(int(reply[11])),
             captured_micros=int(reply[12]),
         )
-        message = explain(result, limit=int(reply[13]), used=int(reply[14]), amount_micros=command.amount_micros,
-                          currency=command.currency)
+        message = explain(
+            result,
+            limit=int(reply[13]),
+            used=int(reply[14]),
+            amount_micros=command.amount_micros,
+            currency=command.currency,
+        )
         return dataclasses.replace(result, message=message), reply[15] == "1"
 
     async def capture(
         self, account_id: str, authorization_id: str, amount_micros: int, idempotency_key: str, now_ms: int
     ) -> CaptureResult:
         """Settle a hold fully or partially; the rest is released."""
-        keys = [self.keys.holds(account_id), self.keys.outbox(account_id), self.keys.hold(account_id, authorization_id)]
+        keys = [
+            self.keys.holds(account_id),
+            self.keys.outbox(account_id),
+            self.keys.hold(account_id, authorization_id),
+        ]
         args: list[str | int] = [now_ms, amount_micros, idempotency_key, self._retention_ms, authorization_id]
         reply = await self._run("capture", keys, args)
         if reply[0] == "ERR":
             raise _hold_error("capture", authorization_id, str(reply[1]), str(reply[2]), amount_micros)
-        return CaptureResult(authorization_id=authorization_id, captured_micros=int(reply[1]),
-                             released_micros=int(reply[2]))
+        return CaptureResult(
+            authorization_id=authorization_id, captured_micros=int(reply[1]), released_micros=int(reply[2])
+        )
 
     async def void(self, account_id: str, authorization_id: str, now_ms: int) -> VoidResult:
         """Release a hold."""
@@ -264,32 +303,57 @@ class RedisStore:
 
     async def expire_holds(self, account_id: str, now_ms: int) -> int:
         """Release one batch of an account's expired holds."""
-        reply = await self._run("expire", [self.keys.holds(account_id)],
-                                [now_ms, self._expire_count_max, self._retention_ms])
+        reply = await self._run(
+            "expire", [self.keys.holds(account_id)], [now_ms, self._expire_count_max, self._retention_ms]
+        )
         return int(reply[0])
 
     async def budget(self, account_id: str, node_id: str, windows: WindowIds, now_ms: int) -> NodeBudget:
         """Return a node's budget in the windows open at ``now_ms``."""
-        keys = [self.keys.node(account_id, node_id), self.keys.node(account_id, account_id),
-                self.keys.holds(account_id)]
-        args: list[str | int] = [now_ms, windows.day, windows.week, windows.month, windows.minute,
-                                 self._expire_count_max, self._retention_ms]
+        keys = [
+            self.keys.node(account_id, node_id),
+            self.keys.node(account_id, account_id),
+            self.keys.holds(account_id),
+        ]
+        args: list[str | int] = [
+            now_ms,
+            windows.day,
+            windows.week,
+            windows.month,
+            windows.minute,
+            self._expire_count_max,
+            self._retention_ms,
+        ]
         reply = await self._run("budget", keys, args)
         if reply[0] == "ERR":
             raise NotFoundError(f"no node {node_id!r}")
-        ids = {Window.DAY: str(reply[10]), Window.WEEK: str(reply[11]), Window.MONTH: str(reply[12]),
-               Window.TOTAL: "all"}
+        ids = {
+            Window.DAY: str(reply[10]),
+            Window.WEEK: str(reply[11]),
+            Window.MONTH: str(reply[12]),
+            Window.TOTAL: "all",
+        }
         window_budgets = []
         for index, window in enumerate((Window.DAY, Window.WEEK, Window.MONTH, Window.TOTAL)):
-            limit, spent, held = reply[13 + 3 * index: 16 + 3 * index]
-            window_budgets.append(WindowBudget(
-                window=window, window_id=ids[window], limit_micros=int(limit) if limit != "" else None,
-                spent_micros=int(spent), held_micros=int(held),
-                ends_at_ms=windows.ends_at_ms(window) if ids[window] == windows.id_of(window) else 0,
-            ))
+            limit, spent, held = reply[13 + 3 * index : 16 + 3 * index]
+            window_budgets.append(
+                WindowBudget(
+                    window=window,
+                    window_id=ids[window],
+                    limit_micros=int(limit) if limit != "" else None,
+                    spent_micros=int(spent),
+                    held_micros=int(held),
+                    ends_at_ms=windows.ends_at_ms(window) if ids[window] == windows.id_of(window) else 0,
+                )
+            )
         return NodeBudget(
-            node_id=node_id, kind=_KINDS[str(reply[1])], parent_id=str(reply[2]) or None, account_id=account_id,
-            currency=str(reply[8]), time_zone=str(reply[9]), frozen_reason=str(reply[3]),
+            node_id=node_id,
+            kind=_KINDS[str(reply[1])],
+            parent_id=str(reply[2]) or None,
+            account_id=account_id,
+            currency=str(reply[8]),
+            time_zone=str(reply[9]),
+            frozen_reason=str(reply[3]),
             per_transaction_micros=int(reply[5]) if reply[5] != "" else None,
             velocity_per_minute=int(reply[6]) if reply[6] != "" else None,
             velocity_used=int(reply[7] or 0),
@@ -306,8 +370,13 @@ class RedisStore:
         for node in plan.nodes:
             parent_key = self.keys.node(account, node.parent_id) if node.parent_id else ""
             fields = _node_fields(node, plan, parent_key)
-            keys = [self.keys.node(account, node.node_id), self.keys.node(account, account),
-                    self.keys.node_index(node.node_id), self.keys.accounts(), parent_key]
+            keys = [
+                self.keys.node(account, node.node_id),
+                self.keys.node(account, account),
+                self.keys.node_index(node.node_id),
+                self.keys.accounts(),
+                parent_key,
+            ]
             reply = await self._run("put_node", keys, [account, *fields])
             if reply[0] == "ERR":
                 if reply[1] == "OTHER_ACCOUNT":
@@ -315,7 +384,9 @@ class RedisStore:
                         f"node id {node.node_id!r} already belongs to account {reply[2]!r}; ids are unique "
                         "across the deployment"
                     )
-                raise InvalidArgumentError(f"node {node.node_id!r} names a parent {node.parent_id!r} that does not exist")
+                raise InvalidArgumentError(
+                    f"node {node.node_id!r} names a parent {node.parent_id!r} that does not exist"
+                )
 
 
 def _node_fields(node: NodeSpec, plan: AccountPlan, parent_key: str) -> list[str]:
@@ -324,9 +395,14 @@ def _node_fields(node: NodeSpec, plan: AccountPlan, parent_key: str) -> list[str
     fields = ["id", node.node_id, "kind", _KIND_NAMES[node.kind], "frz", node.frozen_reason]
     if node.parent_id:
         fields += ["parent", node.parent_id, "pkey", parent_key]
-    for name, value in (("ptx", limits.per_transaction_micros), ("l:d", limits.day_micros),
-                        ("l:w", limits.week_micros), ("l:m", limits.month_micros), ("l:t", limits.total_micros),
-                        ("vel", limits.velocity_per_minute)):
+    for name, value in (
+        ("ptx", limits.per_transaction_micros),
+        ("l:d", limits.day_micros),
+        ("l:w", limits.week_micros),
+        ("l:m", limits.month_micros),
+        ("l:t", limits.total_micros),
+        ("vel", limits.velocity_per_minute),
+    ):
         if value is not None:
             fields += [name, str(value)]
     if limits.allowed_services:
