@@ -209,6 +209,24 @@ class Limits:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Breaker:
+    """The spend-rate breaker's settings for one node (off unless a node has them).
+
+    It freezes a node when its spend over ``recent_minutes`` exceeds ``multiplier`` times its average over as
+    many minutes in the ``trailing_minutes`` before, and is at least ``min_spend_micros``.
+    """
+
+    multiplier: float = 5.0
+    recent_minutes: int = 5
+    trailing_minutes: int = 60
+    min_spend_micros: int = 0
+
+    def encode(self) -> str:
+        """The form the scripts read (see _lib.lua breaker_step)."""
+        return f"{self.multiplier!r},{self.recent_minutes},{self.trailing_minutes},{self.min_spend_micros}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class NodeSpec:
     """One node of an account's tree as an operator declares it."""
 
@@ -217,6 +235,9 @@ class NodeSpec:
     parent_id: str | None
     limits: Limits = Limits()
     frozen_reason: str = ""
+    # In shadow mode the node's limits are evaluated and reported ("would have denied") but not enforced.
+    shadow: bool = False
+    breaker: Breaker | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -277,6 +298,9 @@ class AuthorizeResult:
     hold_state: HoldState = HoldState.NONE
     captured_micros: int = 0
     message: str = ""
+    # What a node in shadow mode would have denied, had its limits been enforced.
+    would_deny_reason: DenyReason = DenyReason.NONE
+    would_deny_by: NodeWindow | None = None
 
     @property
     def approved(self) -> bool:

@@ -13,6 +13,8 @@ A plan looks like this (amounts are in currency units and may be written ``50``,
         wallets:
           - id: research-agent-01
             limits: {day: 50, per_transaction: 1, velocity_per_minute: 60, allowed_services: [api.example.com]}
+            shadow: true     # optional: evaluate and report the limits, do not enforce them (ramp-up)
+            breaker: {multiplier: 5, recent_minutes: 5, trailing_minutes: 60, min_spend: 1}   # optional
         pools: []            # pools may nest
 
 Every mistake is reported with where it is (``pools[0].wallets[2].limits.day``) and nothing is applied.
@@ -28,6 +30,7 @@ import yaml
 from spendgate.domain import (
     ALLOWED_SERVICES_MAX,
     AccountPlan,
+    Breaker,
     InvalidArgumentError,
     Limits,
     NodeKind,
@@ -104,8 +107,42 @@ def parse_limits(value: Any, where: str) -> Limits:
     return Limits(**fields)
 
 
+_BREAKER_KEYS = {"multiplier", "recent_minutes", "trailing_minutes", "min_spend"}
+_NODE_KEYS = {"id", "limits", "frozen", "shadow", "breaker"}
+MINUTES_MAX = 24 * 60
+
+
+def parse_breaker(value: Any, where: str) -> Breaker | None:
+    """Read a ``breaker`` mapping (``None`` when absent: the breaker is off by default)."""
+    if value is None or value is False:
+        return None
+    raw = _mapping({} if value is True else value, where, _BREAKER_KEYS)
+    multiplier = raw.get("multiplier", 5)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or not 1 <= multiplier <= 1000:
+        raise PlanError(f"{where}.multiplier: expected a number from 1 to 1000")
+    minutes = {}
+    for key, default in (("recent_minutes", 5), ("trailing_minutes", 60)):
+        number = raw.get(key, default)
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MINUTES_MAX:
+            raise PlanError(f"{where}.{key}: expected whole minutes from 1 to {MINUTES_MAX}")
+        minutes[key] = number
+    try:
+        min_spend = parse_amount(raw.get("min_spend", 0))
+    except MoneyError as error:
+        raise PlanError(f"{where}.min_spend: {error}") from error
+    return Breaker(multiplier=float(multiplier), min_spend_micros=min_spend, **minutes)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise PlanError(f"{where}: expected true or false")
+    return value
+
+
 def _node(raw: Any, kind: NodeKind, parent: str, where: str, depth: int, nodes: list[NodeSpec]) -> None:
-    allowed = {"id", "limits", "frozen"} | ({"pools", "wallets"} if kind is NodeKind.POOL else set())
+    allowed = _NODE_KEYS | ({"pools", "wallets"} if kind is NodeKind.POOL else set())
     node = _mapping(raw, where, allowed)
     node_id = _check_id(node.get("id"), f"{where}.id")
     if depth > DEPTH_MAX:
@@ -117,6 +154,8 @@ def _node(raw: Any, kind: NodeKind, parent: str, where: str, depth: int, nodes: 
             parent_id=parent,
             limits=parse_limits(node.get("limits"), f"{where}.limits"),
             frozen_reason=_frozen(node.get("frozen"), f"{where}.frozen"),
+            shadow=_flag(node.get("shadow"), f"{where}.shadow"),
+            breaker=parse_breaker(node.get("breaker"), f"{where}.breaker"),
         )
     )
     for index, child in enumerate(_list(node.get("pools"), f"{where}.pools")):
@@ -147,7 +186,7 @@ def _frozen(value: Any, where: str) -> str:
 def parse_plan(document: Any, source: str = "plan") -> AccountPlan:
     """Validate a parsed YAML document and return the plan, parents before children."""
     top = _mapping(document, source, {"account", "pools", "wallets"})
-    account = _mapping(top.get("account"), f"{source}: account", {"id", "currency", "time_zone", "limits", "frozen"})
+    account = _mapping(top.get("account"), f"{source}: account", {"currency", "time_zone", *_NODE_KEYS})
     account_id = _check_id(account.get("id"), "account.id")
     currency = account.get("currency", "USD")
     try:
@@ -163,6 +202,8 @@ def parse_plan(document: Any, source: str = "plan") -> AccountPlan:
             parent_id=None,
             limits=parse_limits(account.get("limits"), "account.limits"),
             frozen_reason=_frozen(account.get("frozen"), "account.frozen"),
+            shadow=_flag(account.get("shadow"), "account.shadow"),
+            breaker=parse_breaker(account.get("breaker"), "account.breaker"),
         )
     ]
     for index, pool in enumerate(_list(top.get("pools"), "pools")):

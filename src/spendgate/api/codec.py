@@ -33,6 +33,10 @@ def encode_authorize(result: AuthorizeResult) -> spend_pb2.AuthorizeResponse:
     if result.denied_by is not None:
         response.denied_by.node_id = result.denied_by.node_id
         response.denied_by.window = int(result.denied_by.window)  # type: ignore[assignment]
+    if result.would_deny_by is not None:
+        response.would_deny_reason = int(result.would_deny_reason)  # type: ignore[assignment]
+        response.would_deny_by.node_id = result.would_deny_by.node_id
+        response.would_deny_by.window = int(result.would_deny_by.window)  # type: ignore[assignment]
     if result.remaining is not None:
         response.remaining.node_id = result.remaining.node_id
         response.remaining.window = int(result.remaining.window)  # type: ignore[assignment]
@@ -93,6 +97,10 @@ def decode_authorize(response: spend_pb2.AuthorizeResponse) -> AuthorizeResult:
         hold_state=HoldState(response.hold_state),
         captured_micros=response.captured_micros,
         message=response.message,
+        would_deny_reason=DenyReason(response.would_deny_reason),
+        would_deny_by=NodeWindow(response.would_deny_by.node_id, Window(response.would_deny_by.window))
+        if response.HasField("would_deny_by")
+        else None,
     )
 
 

@@ -52,6 +52,14 @@ class Keys:
         """The stored answer to one idempotency key within a scope (a wallet id)."""
         return f"{self.account_tag(account_id)}:i:{scope}:{key}"
 
+    def events(self, account_id: str) -> str:
+        """The account's live event feed (a capped stream of decisions, captures, alerts and freezes)."""
+        return f"{self.account_tag(account_id)}:events"
+
+    def nodes(self, account_id: str) -> str:
+        """The set of an account's node ids."""
+        return f"{self.account_tag(account_id)}:nodes"
+
     def outbox(self, account_id: str) -> str:
         """The account's ledger outbox stream of settled transactions."""
         return f"{self.account_tag(account_id)}:outbox"

@@ -113,6 +113,8 @@ class RedisStore:
         idempotency_ttl_ms: int = 86_400_000,
         retention_ms: int = 86_400_000,
         expire_count_max: int = 10_000,
+        alert_percents: tuple[int, ...] = (50, 80, 100),
+        events_length_max: int = 10_000,
     ) -> None:
         self._client = client
         self.keys = keys or Keys()
@@ -124,6 +126,8 @@ class RedisStore:
         # the sweeper normally leaves nothing for an authorization to release, and a backlog (after a
         # sweeper outage) is paid for once, by the first calls after it.
         self._expire_count_max = expire_count_max
+        self._alert_percents = ",".join(str(p) for p in alert_percents)
+        self.events_length_max = events_length_max
         self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
 
     @property
@@ -214,6 +218,7 @@ class RedisStore:
             self.keys.outbox(account),
             self.keys.idempotency(account, chain.wallet_id, command.idempotency_key),
             self.keys.hold(account, authorization_id),
+            self.keys.events(account),
             *(self.keys.node(account, node_id) for node_id in chain.node_ids),
         ]
         args: list[str | int] = [
@@ -235,6 +240,8 @@ class RedisStore:
             json.dumps(dict(command.metadata), sort_keys=True, separators=(",", ":")),
             command.idempotency_key,
             self._expire_count_max,
+            self._alert_percents,
+            self.events_length_max,
             *chain.node_ids,
         ]
         reply = await self._run("authorize", keys, args)
@@ -266,6 +273,8 @@ class RedisStore:
             hold_expires_at_ms=int(reply[10]),
             hold_state=HoldState(int(reply[11])),
             captured_micros=int(reply[12]),
+            would_deny_reason=DenyReason(int(reply[15])),
+            would_deny_by=NodeWindow(str(reply[16]), Window(int(reply[17]))) if int(reply[15]) else None,
         )
         message = explain(
             result,
@@ -274,7 +283,7 @@ class RedisStore:
             amount_micros=command.amount_micros,
             currency=command.currency,
         )
-        return dataclasses.replace(result, message=message), reply[15] == "1"
+        return dataclasses.replace(result, message=message), reply[18] == "1"
 
     async def capture(
         self, account_id: str, authorization_id: str, amount_micros: int, idempotency_key: str, now_ms: int
@@ -284,8 +293,16 @@ class RedisStore:
             self.keys.holds(account_id),
             self.keys.outbox(account_id),
             self.keys.hold(account_id, authorization_id),
+            self.keys.events(account_id),
         ]
-        args: list[str | int] = [now_ms, amount_micros, idempotency_key, self._retention_ms, authorization_id]
+        args: list[str | int] = [
+            now_ms,
+            amount_micros,
+            idempotency_key,
+            self._retention_ms,
+            authorization_id,
+            self.events_length_max,
+        ]
         reply = await self._run("capture", keys, args)
         if reply[0] == "ERR":
             raise _hold_error("capture", authorization_id, str(reply[1]), str(reply[2]), amount_micros)
@@ -295,8 +312,8 @@ class RedisStore:
 
     async def void(self, account_id: str, authorization_id: str, now_ms: int) -> VoidResult:
         """Release a hold."""
-        keys = [self.keys.holds(account_id), self.keys.hold(account_id, authorization_id)]
-        reply = await self._run("void", keys, [now_ms, self._retention_ms])
+        keys = [self.keys.holds(account_id), self.keys.hold(account_id, authorization_id), self.keys.events(account_id)]
+        reply = await self._run("void", keys, [now_ms, self._retention_ms, authorization_id, self.events_length_max])
         if reply[0] == "ERR":
             raise _hold_error("void", authorization_id, str(reply[1]), str(reply[2]), 0)
         return VoidResult(authorization_id=authorization_id, released_micros=int(reply[1]))
@@ -376,6 +393,7 @@ class RedisStore:
                 self.keys.node_index(node.node_id),
                 self.keys.accounts(),
                 parent_key,
+                self.keys.nodes(account),
             ]
             reply = await self._run("put_node", keys, [account, *fields])
             if reply[0] == "ERR":
@@ -407,6 +425,10 @@ def _node_fields(node: NodeSpec, plan: AccountPlan, parent_key: str) -> list[str
             fields += [name, str(value)]
     if limits.allowed_services:
         fields += ["svc", "\n".join(limits.allowed_services)]
+    if node.shadow:
+        fields += ["shd", "1"]
+    if node.breaker is not None:
+        fields += ["brk", node.breaker.encode()]
     if node.kind is NodeKind.ACCOUNT:
         fields += ["cur", plan.currency, "tz", plan.time_zone]
     return fields

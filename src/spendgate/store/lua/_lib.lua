@@ -136,3 +136,86 @@ local function outbox_append(outbox_key, hold_key, txn_id, captured, now_ms)
     'idempotency_key', h[9],
     'capture_idempotency_key', h[10] or '')
 end
+
+-- Event kinds of the live feed (the values of spendgate.v1.EventKind).
+local EVENT_DECISION, EVENT_CAPTURE, EVENT_VOID, EVENT_ALERT, EVENT_FREEZE, EVENT_UNFREEZE, EVENT_CONFIG =
+  1, 2, 3, 4, 5, 6, 7
+
+-- Append an event to an account's live feed, capped at about length_max entries (the feed is for watching,
+-- not for keeping: the ledger and the audit log keep what must last).
+local function event_append(stream_key, length_max, now_ms, kind, node_id, chain, amount, ...)
+  return redis.call('XADD', stream_key, 'MAXLEN', '~', length_max, '*', 'k', kind, 'at', now_ms,
+    'node', node_id, 'chain', chain, 'amt', amount, ...)
+end
+
+-- Raise one alert per utilization threshold that window w of a node crosses, once per window id: the node
+-- remembers the highest threshold it alerted in field al:<w> as "<window id>|<percent>".
+local function alert_crossings(stream_key, length_max, node, w, wid, limit, before, after, now_ms, percents)
+  if limit <= 0 then return end
+  local field = 'al:' .. w
+  local stored = redis.call('HGET', node.key, field)
+  local alerted = 0
+  if stored then
+    local parts = split(stored, '|')
+    if parts[1] == wid then alerted = tonumber(parts[2]) or 0 end
+  end
+  local highest = alerted
+  for _, text in ipairs(split(percents, ',')) do
+    local percent = tonumber(text)
+    if percent and percent > alerted and after * 100 >= percent * limit and before * 100 < percent * limit then
+      event_append(stream_key, length_max, now_ms, EVENT_ALERT, node.id, node.id, int_str(after),
+        'win', WINDOW_CODE[w], 'pct', int_str(percent), 'lim', int_str(limit))
+      if percent > highest then highest = percent end
+    end
+  end
+  if highest > alerted then
+    redis.call('HSET', node.key, field, wid .. '|' .. int_str(highest))
+  end
+end
+
+-- Freeze a node with a reason and tell the live feed.
+local function freeze_node(stream_key, length_max, node_key, node_id, reason, now_ms)
+  redis.call('HSET', node_key, 'frz', reason)
+  event_append(stream_key, length_max, now_ms, EVENT_FREEZE, node_id, node_id, '0', 'msg', reason)
+end
+
+-- The spend-rate breaker: count an approved amount in the node's per-minute ring, then compare the spend of
+-- the recent minutes with the trailing average for as many minutes. The ring has one slot per minute
+-- (fields rb:<slot> amount, rm:<slot> the minute it holds), so a node keeps a bounded number of fields.
+local function breaker_step(stream_key, length_max, node, minute, amount_str, now_ms)
+  local cfg = split(node.breaker, ',')
+  local multiplier, recent_n, trailing_n = tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3])
+  local min_spend = tonumber(cfg[4]) or 0
+  if not (multiplier and recent_n and trailing_n) or recent_n < 1 or trailing_n < 1 then return end
+  local size = recent_n + trailing_n
+  local slot = minute % size
+  if redis.call('HGET', node.key, 'rm:' .. slot) ~= int_str(minute) then
+    redis.call('HSET', node.key, 'rm:' .. slot, int_str(minute), 'rb:' .. slot, '0')
+  end
+  redis.call('HINCRBY', node.key, 'rb:' .. slot, amount_str)
+  local fields = {}
+  for s = 0, size - 1 do
+    fields[#fields + 1] = 'rm:' .. s
+    fields[#fields + 1] = 'rb:' .. s
+  end
+  local ring = redis.call('HMGET', node.key, unpack(fields))
+  local recent, trailing = 0, 0
+  for back = 0, size - 1 do
+    local m = minute - back
+    local s = m % size
+    if ring[2 * s + 1] == int_str(m) then
+      if back < recent_n then
+        recent = recent + num(ring[2 * s + 2])
+      else
+        trailing = trailing + num(ring[2 * s + 2])
+      end
+    end
+  end
+  -- Without trailing spend there is no baseline to compare with; a node needs some history to trip.
+  local average = trailing / trailing_n * recent_n
+  if trailing > 0 and recent >= min_spend and recent > multiplier * average then
+    local reason = string.format('breaker: spent %s micros in %d min, over %s x the trailing average of %s',
+      int_str(recent), recent_n, tostring(multiplier), int_str(math.floor(average)))
+    freeze_node(stream_key, length_max, node.key, node.id, reason, now_ms)
+  end
+end

@@ -4,7 +4,8 @@
 -- KEYS[2]    the account's ledger outbox stream
 -- KEYS[3]    the idempotency record of this (wallet, idempotency key)
 -- KEYS[4]    the hold to create
--- KEYS[5..]  the chain's node hashes: the wallet first, the account last
+-- KEYS[5]    the account's event stream (the live feed; capped)
+-- KEYS[6..]  the chain's node hashes: the wallet first, the account last
 -- ARGV[1]    now_ms              the caller's clock, milliseconds since the Unix epoch
 -- ARGV[2]    topo                the account's tree version the caller resolved the chain at
 -- ARGV[3]    amount_micros       positive integer string, at most 1e15
@@ -20,25 +21,34 @@
 -- ARGV[16]   metadata            JSON object, stored for billing
 -- ARGV[17]   idempotency_key     the client's key, stored for billing
 -- ARGV[18]   expire_count_max    how many expired holds to release before deciding
--- ARGV[19..] the chain's node ids, in the order of KEYS[5..]
+-- ARGV[19]   alert_percents      comma-separated utilization thresholds that raise an alert, e.g. 50,80,100
+-- ARGV[20]   events_length_max   the event stream's approximate cap
+-- ARGV[21..] the chain's node ids, in the order of KEYS[6..]
 --
 -- Returns {'OK', decision, authorization_id, reason, denied_node, denied_window, tight_node, tight_window,
 --          tight_limit, tight_remaining, hold_expires_at_ms, hold_state, captured_micros, denied_limit,
---          denied_used, replayed}
+--          denied_used, would_reason, would_node, would_window, replayed}
 --      or {'ERR', code, detail} with code STALE_CHAIN, IDEMPOTENCY_CONFLICT or CURRENCY_MISMATCH; an error
 --         changes nothing.
 -- decision: 1 approved, 2 denied. reason: 0 none, 1 frozen, 2 service not allowed, 3 per-transaction,
 -- 4 velocity, 5 window (the precedence: a lower reason anywhere on the chain wins; within a reason the node
 -- nearest the wallet, then day, week, month, total). Windows: 1 day, 2 week, 3 month, 4 total, 5 minute.
+-- A node in shadow mode (shd=1) has its limits evaluated but not enforced: what it would have denied is
+-- reported as would_reason / would_node / would_window. A freeze is always enforced.
+-- After an approval: an alert event for each threshold a window crosses (once per window), and the
+-- spend-rate breaker (brk = "multiplier,recent_minutes,trailing_minutes,min_spend_micros") freezes a node
+-- whose spend over the recent minutes exceeds multiplier x its trailing average for as many minutes.
 --
--- Invariant: an approval leaves every limited window of every node with spent + held <= limit, and holds
--- that expired at or before now_ms never count against it.
+-- Invariant: an approval leaves every enforced limited window of every node with spent + held <= limit,
+-- and holds that expired at or before now_ms never count against it.
 
 local now_ms = ARGV[1]
 local amount_str = ARGV[3]
 local amount = tonumber(amount_str)
 local capture = ARGV[6] == '1'
-local chain_length = #KEYS - 4
+local FIXED = 5
+local chain_length = #KEYS - FIXED
+local ID0 = 20
 local account_key = KEYS[#KEYS]
 
 -- 1. The chain the caller resolved must still be the account's tree.
@@ -72,12 +82,12 @@ local service = ARGV[5]
 -- 4. Read every node once.
 local FIELDS = {'frz', 'svc', 'ptx', 'vel', 'v:id', 'v:n',
   'l:d', 'd:id', 'd:s', 'd:h', 'l:w', 'w:id', 'w:s', 'w:h',
-  'l:m', 'm:id', 'm:s', 'm:h', 'l:t', 't:id', 't:s', 't:h'}
+  'l:m', 'm:id', 'm:s', 'm:h', 'l:t', 't:id', 't:s', 't:h', 'shd', 'brk'}
 local nodes = {}
 for i = 1, chain_length do
-  local v = redis.call('HMGET', KEYS[4 + i], unpack(FIELDS))
-  local node = {key = KEYS[4 + i], id = ARGV[18 + i], frozen = v[1] and v[1] ~= '', services = v[2],
-    ptx = v[3], vel = v[4], windows = {}}
+  local v = redis.call('HMGET', KEYS[FIXED + i], unpack(FIELDS))
+  local node = {key = KEYS[FIXED + i], id = ARGV[ID0 + i], frozen = v[1] and v[1] ~= '', services = v[2],
+    ptx = v[3], vel = v[4], windows = {}, shadow = v[23] == '1', breaker = v[24]}
   node.velocity_used = (v[5] and v[5] >= minute) and num(v[6]) or 0
   for j, w in ipairs(WINDOWS) do
     local base = 6 + (j - 1) * 4
@@ -93,12 +103,21 @@ end
 
 -- 5. Decide, in order of precedence.
 local reason, denied_node, denied_window, denied_limit, denied_used = 0, '', 0, 0, 0
+local would_reason, would_node, would_window = 0, '', 0
+-- Returns true when the objection denies; a shadow-mode node's objection is only recorded.
 local function deny(code, node, window, limit, used)
+  if node.shadow and code ~= 1 then
+    if would_reason == 0 then
+      would_reason, would_node, would_window = code, node.id, window
+    end
+    return false
+  end
   reason, denied_node, denied_window, denied_limit, denied_used = code, node.id, window, limit, used
+  return true
 end
 
 for _, node in ipairs(nodes) do
-  if node.frozen then deny(1, node, 0, 0, 0) break end
+  if node.frozen and deny(1, node, 0, 0, 0) then break end
 end
 if reason == 0 then
   for _, node in ipairs(nodes) do
@@ -107,19 +126,19 @@ if reason == 0 then
       for _, s in ipairs(split(node.services, '\n')) do
         if s == service then allowed = true break end
       end
-      if not allowed then deny(2, node, 0, 0, 0) break end
+      if not allowed and deny(2, node, 0, 0, 0) then break end
     end
   end
 end
 if reason == 0 then
   for _, node in ipairs(nodes) do
-    if node.ptx and amount > tonumber(node.ptx) then deny(3, node, 0, tonumber(node.ptx), 0) break end
+    if node.ptx and amount > tonumber(node.ptx) and deny(3, node, 0, tonumber(node.ptx), 0) then break end
   end
 end
 if reason == 0 then
   for _, node in ipairs(nodes) do
-    if node.vel and node.velocity_used + 1 > tonumber(node.vel) then
-      deny(4, node, 5, tonumber(node.vel), node.velocity_used)
+    if node.vel and node.velocity_used + 1 > tonumber(node.vel)
+        and deny(4, node, 5, tonumber(node.vel), node.velocity_used) then
       break
     end
   end
@@ -128,8 +147,8 @@ if reason == 0 then
   for _, node in ipairs(nodes) do
     for _, w in ipairs(WINDOWS) do
       local window = node.windows[w]
-      if window.limit and window.used + amount > window.limit then
-        deny(5, node, WINDOW_CODE[w], window.limit, window.used)
+      if window.limit and window.used + amount > window.limit
+          and deny(5, node, WINDOW_CODE[w], window.limit, window.used) then
         break
       end
     end
@@ -146,7 +165,15 @@ if reason == 0 then
   for i, node in ipairs(nodes) do
     for _, w in ipairs(WINDOWS) do
       window_add(node.key, w, wins[w], kind, amount_str)
-      node.windows[w].used = node.windows[w].used + amount
+      local window = node.windows[w]
+      if window.limit then
+        alert_crossings(KEYS[5], ARGV[20], node, w, wins[w], window.limit, window.used, window.used + amount, now_ms,
+          ARGV[19])
+      end
+      window.used = window.used + amount
+    end
+    if node.breaker then
+      breaker_step(KEYS[5], ARGV[20], node, tonumber(minute), amount_str, now_ms)
     end
     if node.vel then
       local stored_minute = redis.call('HGET', node.key, 'v:id')
@@ -192,7 +219,12 @@ if tight_remaining < 0 then tight_remaining = 0 end
 
 local result = {'OK', int_str(reason == 0 and 1 or 2), authorization_id, int_str(reason), denied_node,
   int_str(denied_window), tight_node, int_str(tight_window), int_str(tight_limit), int_str(tight_remaining),
-  int_str(hold_expires_at), int_str(hold_state), int_str(captured), int_str(denied_limit), int_str(denied_used)}
+  int_str(hold_expires_at), int_str(hold_state), int_str(captured), int_str(denied_limit), int_str(denied_used),
+  int_str(would_reason), would_node, int_str(would_window)}
+local chain_ids = {}
+for i, node in ipairs(nodes) do chain_ids[i] = node.id end
+event_append(KEYS[5], ARGV[20], now_ms, EVENT_DECISION, nodes[1].id, table.concat(chain_ids, ','), amount_str,
+  'dec', result[2], 'rsn', result[4], 'auth', authorization_id, 'win', result[6], 'by', denied_node)
 redis.call('HSET', KEYS[3], 'fp', ARGV[7], 'r', table.concat(result, '\t'))
 redis.call('PEXPIRE', KEYS[3], ARGV[9])
 result[#result + 1] = '0'

@@ -3,11 +3,13 @@
 -- KEYS[1]  the account's holds zset
 -- KEYS[2]  the account's ledger outbox stream
 -- KEYS[3]  the hold
+-- KEYS[4]  the account's event stream
 -- ARGV[1]  now_ms            the caller's clock, milliseconds since the Unix epoch
 -- ARGV[2]  amount_micros     positive integer string, at most 1e15
 -- ARGV[3]  idempotency_key   the client's key for this capture
 -- ARGV[4]  retention_ms      how long the resolved hold record is kept
 -- ARGV[5]  authorization_id  the hold's id, written to the ledger as the transaction id
+-- ARGV[6]  events_length_max the event stream's approximate cap
 --
 -- Returns {'OK', captured_micros, released_micros, replayed}
 --      or {'ERR', code, detail} with code NOT_FOUND, ALREADY_CAPTURED, VOIDED, EXPIRED or ABOVE_HOLD
@@ -19,7 +21,7 @@
 -- step, so a settled transaction is never counted without being ledgered, nor the reverse.
 
 local hold_key = KEYS[3]
-local h = redis.call('HMGET', hold_key, 'st', 'amt', 'exp', 'cap', 'ck', 'keys', 'win')
+local h = redis.call('HMGET', hold_key, 'st', 'amt', 'exp', 'cap', 'ck', 'keys', 'win', 'ids', 'wal')
 if not h[1] then
   return {'ERR', 'NOT_FOUND', ''}
 end
@@ -61,4 +63,5 @@ redis.call('HSET', hold_key, 'st', CAPTURED, 'cap', ARGV[2], 'ck', ARGV[3])
 redis.call('ZREM', KEYS[1], hold_key)
 redis.call('PEXPIRE', hold_key, ARGV[4])
 outbox_append(KEYS[2], hold_key, ARGV[5], ARGV[2], ARGV[1])
+event_append(KEYS[4], ARGV[6], ARGV[1], EVENT_CAPTURE, h[9], h[8], ARGV[2], 'auth', ARGV[5])
 return {'OK', ARGV[2], int_str(held - amount), '0'}

@@ -5,6 +5,7 @@
 -- KEYS[3]  the deployment's node index entry for this node id (not hash-tagged: it maps id -> account)
 -- KEYS[4]  the deployment's set of account ids (not hash-tagged)
 -- KEYS[5]  the parent's hash ('' for the account)
+-- KEYS[6]  the account's set of node ids
 -- ARGV[1]  account_id
 -- ARGV[2..] field, value pairs of the node's configuration (see _lib.lua); config fields not given are
 --          removed, so a limit dropped from a plan is dropped from the node.
@@ -23,12 +24,13 @@ end
 if KEYS[5] ~= '' and redis.call('EXISTS', KEYS[5]) == 0 then
   return {'ERR', 'NO_PARENT', ''}
 end
-local CONFIG = {'id', 'kind', 'parent', 'pkey', 'ptx', 'l:d', 'l:w', 'l:m', 'l:t', 'vel', 'svc', 'frz', 'cur', 'tz'}
+local CONFIG = {'id', 'kind', 'parent', 'pkey', 'ptx', 'l:d', 'l:w', 'l:m', 'l:t', 'vel', 'svc', 'frz', 'cur', 'tz', 'shd', 'brk'}
 redis.call('HDEL', KEYS[1], unpack(CONFIG))
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('SET', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[6], redis.call('HGET', KEYS[1], 'id'))
 local topo = redis.call('HINCRBY', KEYS[2], 'topo', 1)
 return {'OK', int_str(topo)}

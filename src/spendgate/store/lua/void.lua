@@ -2,8 +2,11 @@
 --
 -- KEYS[1]  the account's holds zset
 -- KEYS[2]  the hold
+-- KEYS[3]  the account's event stream
 -- ARGV[1]  now_ms        the caller's clock, milliseconds since the Unix epoch
 -- ARGV[2]  retention_ms  how long the resolved hold record is kept
+-- ARGV[3]  authorization_id    the hold's id, for the event
+-- ARGV[4]  events_length_max   the event stream's approximate cap
 --
 -- Returns {'OK', released_micros, replayed}
 --      or {'ERR', code, detail} with code NOT_FOUND, ALREADY_CAPTURED or EXPIRED; an error changes nothing,
@@ -12,7 +15,7 @@
 -- Invariant: a hold is captured or voided once; voiding a voided hold answers as the first void did.
 
 local hold_key = KEYS[2]
-local h = redis.call('HMGET', hold_key, 'st', 'amt', 'exp')
+local h = redis.call('HMGET', hold_key, 'st', 'amt', 'exp', 'ids', 'wal')
 if not h[1] then
   return {'ERR', 'NOT_FOUND', ''}
 end
@@ -31,4 +34,5 @@ if tonumber(h[3]) <= tonumber(ARGV[1]) then
   return {'ERR', 'EXPIRED', h[2]}
 end
 release_hold(hold_key, KEYS[1], VOIDED, ARGV[2])
+event_append(KEYS[3], ARGV[4], ARGV[1], EVENT_VOID, h[5], h[4], h[2], 'auth', ARGV[3])
 return {'OK', h[2], '0'}

@@ -117,7 +117,7 @@ class RemainingBudget(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., window: _Optional[_Union[Window, str]] = ..., limit_micros: _Optional[int] = ..., remaining_micros: _Optional[int] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("decision", "authorization_id", "deny_reason", "denied_by", "remaining", "hold_expires_at_ms", "hold_state", "message", "captured_micros")
+    __slots__ = ("decision", "authorization_id", "deny_reason", "denied_by", "remaining", "hold_expires_at_ms", "hold_state", "message", "captured_micros", "would_deny_reason", "would_deny_by")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     AUTHORIZATION_ID_FIELD_NUMBER: _ClassVar[int]
     DENY_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,8 @@ class AuthorizeResponse(_message.Message):
     HOLD_STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CAPTURED_MICROS_FIELD_NUMBER: _ClassVar[int]
+    WOULD_DENY_REASON_FIELD_NUMBER: _ClassVar[int]
+    WOULD_DENY_BY_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     authorization_id: str
     deny_reason: DenyReason
@@ -136,7 +138,9 @@ class AuthorizeResponse(_message.Message):
     hold_state: HoldState
     message: str
     captured_micros: int
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., authorization_id: _Optional[str] = ..., deny_reason: _Optional[_Union[DenyReason, str]] = ..., denied_by: _Optional[_Union[NodeWindow, _Mapping]] = ..., remaining: _Optional[_Union[RemainingBudget, _Mapping]] = ..., hold_expires_at_ms: _Optional[int] = ..., hold_state: _Optional[_Union[HoldState, str]] = ..., message: _Optional[str] = ..., captured_micros: _Optional[int] = ...) -> None: ...
+    would_deny_reason: DenyReason
+    would_deny_by: NodeWindow
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., authorization_id: _Optional[str] = ..., deny_reason: _Optional[_Union[DenyReason, str]] = ..., denied_by: _Optional[_Union[NodeWindow, _Mapping]] = ..., remaining: _Optional[_Union[RemainingBudget, _Mapping]] = ..., hold_expires_at_ms: _Optional[int] = ..., hold_state: _Optional[_Union[HoldState, str]] = ..., message: _Optional[str] = ..., captured_micros: _Optional[int] = ..., would_deny_reason: _Optional[_Union[DenyReason, str]] = ..., would_deny_by: _Optional[_Union[NodeWindow, _Mapping]] = ...) -> None: ...
 
 class CaptureRequest(_message.Message):
     __slots__ = ("authorization_id", "amount_micros", "idempotency_key")
