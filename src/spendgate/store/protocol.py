@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from spendgate.domain import (
@@ -11,6 +12,7 @@ from spendgate.domain import (
     AuthorizeResult,
     CaptureResult,
     NodeBudget,
+    NodeSpec,
     VoidResult,
 )
 from spendgate.windows import WindowIds
@@ -112,4 +114,48 @@ class SpendStore(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+class AdminStore(SpendStore, Protocol):
+    """What the control plane needs on top of the hot path: reading and editing the tree, freezes, events."""
+
+    async def put_plan(
+        self,
+        plan: AccountPlan,
+        *,
+        nodes: Sequence[NodeSpec] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Create or reconfigure nodes of a plan (all by default), parents first, keeping counters."""
+        ...
+
+    async def read_plan(self, account_id: str) -> AccountPlan | None:
+        """Return an account's tree as configured now, or ``None``."""
+        ...
+
+    async def delete_node(self, account_id: str, node_id: str, *, force: bool, windows: WindowIds) -> None:
+        """Remove one childless node; refuse if it carries money, unless forced."""
+        ...
+
+    async def node_activity(self, account_id: str, node_id: str, windows: WindowIds) -> tuple[int, int]:
+        """Return (held, spent in open day/week/month windows) in micro-units."""
+        ...
+
+    async def freeze(
+        self, account_id: str, node_id: str, reason: str, *, void_holds: bool, now_ms: int
+    ) -> tuple[bool, int, int]:
+        """Freeze (reason) or unfreeze (empty reason); return (was frozen, holds voided, money released)."""
+        ...
+
+    async def append_event(self, account_id: str, fields: dict[str, str]) -> None:
+        """Append an event to an account's live feed."""
+        ...
+
+    async def read_events(self, last_ids: dict[str, str], count_max: int) -> list[tuple[str, str, dict[str, str]]]:
+        """Return events after the given ids, per account: (account id, event id, fields)."""
+        ...
+
+    async def last_event_id(self, account_id: str) -> str:
+        """Return the newest event id of an account."""
         ...

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import importlib.resources
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,12 +22,14 @@ from spendgate.domain import (
     AlreadyExistsError,
     AuthorizeCommand,
     AuthorizeResult,
+    Breaker,
     CaptureResult,
     Decision,
     DenyReason,
     FailedPreconditionError,
     HoldState,
     InvalidArgumentError,
+    Limits,
     NodeBudget,
     NodeKind,
     NodeSpec,
@@ -44,7 +46,23 @@ from spendgate.store.keys import Keys
 from spendgate.store.protocol import AccountInfo, Chain, StaleChainError
 from spendgate.windows import WindowIds
 
-_SCRIPTS = ("authorize", "capture", "void", "expire", "budget", "resolve", "put_node")
+_SCRIPTS = (
+    "authorize",
+    "capture",
+    "void",
+    "expire",
+    "budget",
+    "resolve",
+    "put_node",
+    "delete_node",
+    "node_activity",
+    "freeze",
+)
+# Admin calls write or read many nodes per round trip; they get a longer deadline than the hot path.
+PUT_BATCH_SIZE = 500
+BULK_TIMEOUT_S = 30.0
+# The configuration fields of a node's hash, in the order _node_spec reads them.
+_CONFIG_FIELDS = ("kind", "parent", "ptx", "l:d", "l:w", "l:m", "l:t", "vel", "svc", "frz", "shd", "brk")
 _KIND_NAMES = {NodeKind.ACCOUNT: "account", NodeKind.POOL: "pool", NodeKind.WALLET: "wallet"}
 _KINDS = {name: kind for kind, name in _KIND_NAMES.items()}
 _WINDOW_WORDS = {
@@ -135,9 +153,9 @@ class RedisStore:
         """The underlying Redis client (for the ledger writer and for tests)."""
         return self._client
 
-    async def _call(self, coroutine: Any) -> Any:
+    async def _call(self, coroutine: Any, timeout_s: float | None = None) -> Any:
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s or self._timeout_s):
                 return await coroutine
         except _OUTAGES as error:
             raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error
@@ -381,30 +399,156 @@ class RedisStore:
     # ------------------------------------------------------------------------------------------------
     # Configuration.
 
-    async def put_plan(self, plan: AccountPlan) -> None:
-        """Create or reconfigure every node of a plan (parents first), keeping their counters."""
+    async def put_plan(
+        self,
+        plan: AccountPlan,
+        *,
+        nodes: Sequence[NodeSpec] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Create or reconfigure nodes of a plan (all of them by default; parents first), keeping counters.
+
+        Ownership of every id is checked before anything changes; then the nodes are written in pipelined
+        batches of ``PUT_BATCH_SIZE`` script calls, in order, so a parent always exists before its children.
+        ``progress`` is called with the number of nodes written after each batch.
+        """
         account = plan.account_id
-        for node in plan.nodes:
-            parent_key = self.keys.node(account, node.parent_id) if node.parent_id else ""
-            fields = _node_fields(node, plan, parent_key)
-            keys = [
-                self.keys.node(account, node.node_id),
-                self.keys.node(account, account),
-                self.keys.node_index(node.node_id),
-                self.keys.accounts(),
-                parent_key,
-                self.keys.nodes(account),
-            ]
-            reply = await self._run("put_node", keys, [account, *fields])
-            if reply[0] == "ERR":
-                if reply[1] == "OTHER_ACCOUNT":
+        todo = list(plan.nodes if nodes is None else nodes)
+        for start in range(0, len(todo), PUT_BATCH_SIZE):
+            batch = todo[start : start + PUT_BATCH_SIZE]
+            owners = await self._call(self._client.mget([self.keys.node_index(n.node_id) for n in batch]))
+            for node, owner in zip(batch, owners, strict=True):
+                if owner is not None and owner != account:
                     raise InvalidArgumentError(
-                        f"node id {node.node_id!r} already belongs to account {reply[2]!r}; ids are unique "
+                        f"node id {node.node_id!r} already belongs to account {owner!r}; ids are unique "
                         "across the deployment"
                     )
-                raise InvalidArgumentError(
-                    f"node {node.node_id!r} names a parent {node.parent_id!r} that does not exist"
+        done = 0
+        for start in range(0, len(todo), PUT_BATCH_SIZE):
+            batch = todo[start : start + PUT_BATCH_SIZE]
+            pipe = self._client.pipeline(transaction=False)
+            for node in batch:
+                parent_key = self.keys.node(account, node.parent_id) if node.parent_id else ""
+                keys = [
+                    self.keys.node(account, node.node_id),
+                    self.keys.node(account, account),
+                    self.keys.node_index(node.node_id),
+                    self.keys.accounts(),
+                    parent_key,
+                    self.keys.nodes(account),
+                ]
+                await self._scripts["put_node"](
+                    keys=keys, args=[account, *_node_fields(node, plan, parent_key)], client=pipe
                 )
+            replies = await self._call(pipe.execute(), timeout_s=BULK_TIMEOUT_S)
+            for node, reply in zip(batch, replies, strict=True):
+                if reply[0] == "ERR":
+                    raise InvalidArgumentError(
+                        f"node {node.node_id!r} names a parent {node.parent_id!r} that does not exist"
+                    )
+            done += len(batch)
+            if progress is not None:
+                progress(done)
+
+    async def read_plan(self, account_id: str) -> AccountPlan | None:
+        """Return an account's tree as it is configured now (parents first), or ``None`` if there is none."""
+        info = await self._call(self._client.hmget(self.keys.node(account_id, account_id), ["cur", "tz"]))
+        if info[0] is None:
+            return None
+        node_ids = sorted(str(i) for i in await self._call(self._client.smembers(self.keys.nodes(account_id))))
+        specs: dict[str, NodeSpec] = {}
+        for start in range(0, len(node_ids), PUT_BATCH_SIZE):
+            batch = node_ids[start : start + PUT_BATCH_SIZE]
+            pipe = self._client.pipeline(transaction=False)
+            for node_id in batch:
+                pipe.hmget(self.keys.node(account_id, node_id), list(_CONFIG_FIELDS))
+            for node_id, values in zip(batch, await self._call(pipe.execute(), timeout_s=BULK_TIMEOUT_S), strict=True):
+                if values[1] is not None:
+                    specs[node_id] = _node_spec(node_id, dict(zip(_CONFIG_FIELDS, values, strict=True)))
+        ordered: list[NodeSpec] = []
+        children: dict[str | None, list[NodeSpec]] = {}
+        for spec in specs.values():
+            children.setdefault(spec.parent_id, []).append(spec)
+        stack = [s for s in children.get(None, [])]
+        while stack:
+            spec = stack.pop()
+            ordered.append(spec)
+            stack.extend(reversed(children.get(spec.node_id, [])))
+        return AccountPlan(account_id=account_id, currency=str(info[0]), time_zone=str(info[1]), nodes=tuple(ordered))
+
+    async def delete_node(self, account_id: str, node_id: str, *, force: bool, windows: WindowIds) -> None:
+        """Remove one node whose children are already gone; refuse if it carries money, unless forced."""
+        keys = [
+            self.keys.node(account_id, node_id),
+            self.keys.node(account_id, account_id),
+            self.keys.node_index(node_id),
+            self.keys.nodes(account_id),
+        ]
+        reply = await self._run(
+            "delete_node", keys, [node_id, "1" if force else "0", windows.day, windows.week, windows.month]
+        )
+        if reply[0] == "ERR":
+            if reply[1] == "UNSAFE":
+                raise FailedPreconditionError(f"{node_id} {reply[2]}; pass force to remove it anyway")
+            raise NotFoundError(f"no node {node_id!r}")
+
+    async def node_activity(self, account_id: str, node_id: str, windows: WindowIds) -> tuple[int, int]:
+        """Return (held, spent in open day/week/month windows) of a node, in micro-units."""
+        keys = [self.keys.node(account_id, node_id), self.keys.node(account_id, account_id)]
+        reply = await self._run("node_activity", keys, [windows.day, windows.week, windows.month])
+        if reply[0] == "ERR":
+            raise NotFoundError(f"no node {node_id!r}")
+        return int(reply[1]), int(reply[2])
+
+    async def freeze(
+        self, account_id: str, node_id: str, reason: str, *, void_holds: bool, now_ms: int
+    ) -> tuple[bool, int, int]:
+        """Freeze (non-empty reason) or unfreeze (empty reason) a node.
+
+        Returns whether it was frozen before, how many holds were voided and the money they released.
+        """
+        keys = [self.keys.node(account_id, node_id), self.keys.holds(account_id), self.keys.events(account_id)]
+        args: list[str | int] = [
+            node_id,
+            reason,
+            "1" if void_holds else "0",
+            now_ms,
+            self._retention_ms,
+            self.events_length_max,
+        ]
+        reply = await self._call(self._scripts["freeze"](keys=keys, args=args), timeout_s=BULK_TIMEOUT_S)
+        if reply[0] == "ERR":
+            raise NotFoundError(f"no node {node_id!r}")
+        return reply[1] == "1", int(reply[2]), int(reply[3])
+
+    async def append_event(self, account_id: str, fields: dict[str, str]) -> None:
+        """Append an event (for example a configuration change) to an account's live feed."""
+        await self._call(
+            self._client.xadd(
+                self.keys.events(account_id), dict[Any, Any](fields), maxlen=self.events_length_max, approximate=True
+            )
+        )
+
+    async def read_events(self, last_ids: dict[str, str], count_max: int) -> list[tuple[str, str, dict[str, str]]]:
+        """Return up to ``count_max`` events per account after the given stream ids (account -> last id).
+
+        Returns (account id, event id, fields) in stream order per account.
+        """
+        if not last_ids:
+            return []
+        streams: dict[Any, Any] = {self.keys.events(account): last for account, last in last_ids.items()}
+        accounts = {self.keys.events(account): account for account in last_ids}
+        reply = await self._call(self._client.xread(streams, count=count_max))
+        events = []
+        for stream, entries in reply or []:
+            for event_id, fields in entries:
+                events.append((accounts[str(stream)], str(event_id), {str(k): str(v) for k, v in fields.items()}))
+        return events
+
+    async def last_event_id(self, account_id: str) -> str:
+        """Return the id of the newest event of an account ('0-0' when there is none)."""
+        entries = await self._call(self._client.xrevrange(self.keys.events(account_id), count=1))
+        return str(entries[0][0]) if entries else "0-0"
 
 
 def _node_fields(node: NodeSpec, plan: AccountPlan, parent_key: str) -> list[str]:
@@ -456,3 +600,33 @@ def _hold_error(action: str, authorization_id: str, code: str, detail: str, amou
                 f"cannot capture {amount_micros} micros on {authorization_id}: only {detail} micros are held"
             )
     return RuntimeError(f"{action}.lua answered an unknown error {code!r}")
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _node_spec(node_id: str, config: dict[str, str | None]) -> NodeSpec:
+    """Rebuild a node's declared configuration from its hash fields (the inverse of _node_fields)."""
+    breaker = None
+    if config["brk"]:
+        multiplier, recent, trailing, min_spend = str(config["brk"]).split(",")
+        breaker = Breaker(float(multiplier), int(recent), int(trailing), int(min_spend))
+    services = str(config["svc"] or "")
+    return NodeSpec(
+        node_id=node_id,
+        kind=_KINDS[str(config["kind"])],
+        parent_id=config["parent"] or None,
+        limits=Limits(
+            per_transaction_micros=_int_or_none(config["ptx"]),
+            day_micros=_int_or_none(config["l:d"]),
+            week_micros=_int_or_none(config["l:w"]),
+            month_micros=_int_or_none(config["l:m"]),
+            total_micros=_int_or_none(config["l:t"]),
+            velocity_per_minute=_int_or_none(config["vel"]),
+            allowed_services=tuple(services.split("\n")) if services else (),
+        ),
+        frozen_reason=str(config["frz"] or ""),
+        shadow=config["shd"] == "1",
+        breaker=breaker,
+    )

@@ -219,3 +219,18 @@ local function breaker_step(stream_key, length_max, node, minute, amount_str, no
     freeze_node(stream_key, length_max, node.key, node.id, reason, now_ms)
   end
 end
+
+-- The money a node carries now: everything it holds (the total window's held, which never rolls) and the
+-- largest spend of its open day, week and month windows. Used to refuse unsafe moves and removals.
+local function carried_money(node_key, account_key, day, week, month)
+  local wins = effective_windows(account_key, {d = day, w = week, m = month})
+  local v = redis.call('HMGET', node_key, 'd:id', 'd:s', 'w:id', 'w:s', 'm:id', 'm:s', 't:h')
+  local spent = 0
+  local names = {'d', 'w', 'm'}
+  for i = 1, 3 do
+    if v[2 * i - 1] == wins[names[i]] then
+      spent = math.max(spent, num(v[2 * i]))
+    end
+  end
+  return num(v[7]), spent
+end

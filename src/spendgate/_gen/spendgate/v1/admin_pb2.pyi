@@ -84,12 +84,18 @@ class ApplyPlanRequest(_message.Message):
     def __init__(self, plan_yaml: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ApplyPlanResponse(_message.Message):
-    __slots__ = ("changes", "applied")
+    __slots__ = ("changes", "applied", "nodes_done", "nodes_total", "done")
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    NODES_DONE_FIELD_NUMBER: _ClassVar[int]
+    NODES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
     changes: _containers.RepeatedCompositeFieldContainer[PlanChange]
     applied: bool
-    def __init__(self, changes: _Optional[_Iterable[_Union[PlanChange, _Mapping]]] = ..., applied: _Optional[bool] = ...) -> None: ...
+    nodes_done: int
+    nodes_total: int
+    done: bool
+    def __init__(self, changes: _Optional[_Iterable[_Union[PlanChange, _Mapping]]] = ..., applied: _Optional[bool] = ..., nodes_done: _Optional[int] = ..., nodes_total: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class GetTreeRequest(_message.Message):
     __slots__ = ("node_id",)

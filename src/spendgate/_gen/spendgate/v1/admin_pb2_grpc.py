@@ -37,7 +37,7 @@ class AdminServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.ApplyPlan = channel.unary_unary(
+        self.ApplyPlan = channel.unary_stream(
                 '/spendgate.v1.AdminService/ApplyPlan',
                 request_serializer=spendgate_dot_v1_dot_admin__pb2.ApplyPlanRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_admin__pb2.ApplyPlanResponse.FromString,
@@ -90,7 +90,8 @@ class AdminServiceServicer:
     """
 
     def ApplyPlan(self, request, context):
-        """ApplyPlan makes an account's tree match a plan file; with dry_run it only reports the changes.
+        """ApplyPlan makes an account's tree match a plan file; with dry_run it only reports the changes. It streams
+        progress while large plans are written; the last message carries the changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +156,7 @@ class AdminServiceServicer:
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'ApplyPlan': grpc.unary_unary_rpc_method_handler(
+            'ApplyPlan': grpc.unary_stream_rpc_method_handler(
                     servicer.ApplyPlan,
                     request_deserializer=spendgate_dot_v1_dot_admin__pb2.ApplyPlanRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_admin__pb2.ApplyPlanResponse.SerializeToString,
@@ -224,7 +225,7 @@ class AdminService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/spendgate.v1.AdminService/ApplyPlan',

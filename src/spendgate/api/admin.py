@@ -1,0 +1,279 @@
+"""AdminService: decode, call the control plane's core, encode. Proto types never leave this module."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import yaml
+
+from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2
+from spendgate.admin import AdminCore, PlanChange, describe_node, subtree
+from spendgate.api.codec import encode_budget
+from spendgate.api.errors import grpc_errors, status_of
+from spendgate.domain import (
+    ALLOWED_SERVICES_MAX,
+    InvalidArgumentError,
+    Limits,
+    NodeKind,
+    SpendgateError,
+    check_id,
+    check_service,
+)
+from spendgate.money import MONEY_MICROS_MAX
+from spendgate.plan import VELOCITY_MAX, PlanError, parse_plan
+from spendgate.store.protocol import AdminStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+PLAN_SIZE_MAX_BYTES = 32 * 1024 * 1024
+WATCHERS_MAX = 64
+WATCH_POLL_S = 0.1
+WATCH_BATCH_MAX = 500
+# How often a watcher re-reads the subtree and the account list, so new nodes and accounts show up.
+WATCH_REFRESH_S = 5.0
+_LIMIT_FIELDS = ("per_transaction_micros", "day_micros", "week_micros", "month_micros", "total_micros")
+
+
+def decode_limits(limits: admin_pb2.NodeLimits) -> Limits:
+    """Validate and decode limits (an unset field is no limit)."""
+    values: dict[str, Any] = {}
+    for name in _LIMIT_FIELDS:
+        if limits.HasField(name):
+            value = getattr(limits, name)
+            if not 0 <= value <= MONEY_MICROS_MAX:
+                raise InvalidArgumentError(f"limits.{name} must be from 0 to {MONEY_MICROS_MAX} (got {value})")
+            values[name] = value
+    if limits.HasField("velocity_per_minute"):
+        if not 1 <= limits.velocity_per_minute <= VELOCITY_MAX:
+            raise InvalidArgumentError(f"limits.velocity_per_minute must be from 1 to {VELOCITY_MAX}")
+        values["velocity_per_minute"] = limits.velocity_per_minute
+    if len(limits.allowed_services) > ALLOWED_SERVICES_MAX:
+        raise InvalidArgumentError(f"limits.allowed_services: at most {ALLOWED_SERVICES_MAX} services")
+    for service in limits.allowed_services:
+        if not service:
+            raise InvalidArgumentError("limits.allowed_services may not hold an empty name")
+        check_service(service)
+    return Limits(allowed_services=tuple(limits.allowed_services), **values)
+
+
+def encode_change(change: PlanChange, currency: str) -> admin_pb2.PlanChange:
+    """Encode one change of a plan diff."""
+    return admin_pb2.PlanChange(
+        node_id=change.node_id,
+        kind=int(change.kind),  # type: ignore[arg-type]
+        before=describe_node(change.before, currency) if change.before else "",
+        after=describe_node(change.after, currency) if change.after else "",
+        unsafe_reason=change.unsafe_reason,
+    )
+
+
+def actor_of(context: Context) -> str:
+    """Who makes a change: the caller's identity as the auth layer recorded it, else its peer address."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-spendgate-actor":
+            return str(value)
+    return f"peer:{context.peer()}"
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """The gRPC face of :class:`~spendgate.admin.AdminCore`."""
+
+    def __init__(self, admin: AdminCore, store: AdminStore) -> None:
+        self._admin = admin
+        self._store = store
+        self._watchers = 0
+
+    async def ApplyPlan(
+        self, request: admin_pb2.ApplyPlanRequest, context: Context
+    ) -> AsyncIterator[admin_pb2.ApplyPlanResponse]:
+        """Diff and (unless a dry run) apply a plan, streaming progress."""
+        try:
+            if len(request.plan_yaml) > PLAN_SIZE_MAX_BYTES:
+                raise InvalidArgumentError(f"the plan is over {PLAN_SIZE_MAX_BYTES} bytes")
+            try:
+                document = yaml.safe_load(request.plan_yaml)
+            except yaml.YAMLError as error:
+                raise PlanError(f"the plan is not valid YAML: {error}") from error
+            plan = parse_plan(document)
+            progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue(maxsize=1024)
+
+            def report(done: int, total: int) -> None:
+                # Progress is advisory: when the client reads slowly, updates are dropped, never queued forever.
+                with contextlib.suppress(asyncio.QueueFull):
+                    progress.put_nowait((done, total))
+
+            work = asyncio.create_task(
+                self._admin.apply_plan(
+                    plan, dry_run=request.dry_run, force=request.force, actor=actor_of(context), progress=report
+                )
+            )
+            try:
+                while not work.done():
+                    getter = asyncio.ensure_future(progress.get())
+                    await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        done, total = getter.result()
+                        yield admin_pb2.ApplyPlanResponse(nodes_done=done, nodes_total=total)
+                    else:
+                        getter.cancel()
+                changes = work.result()
+            finally:
+                work.cancel()
+            total = sum(1 for _ in changes)
+            yield admin_pb2.ApplyPlanResponse(
+                changes=[encode_change(change, plan.currency) for change in changes],
+                applied=not request.dry_run and bool(changes),
+                nodes_done=0 if request.dry_run else total,
+                nodes_total=total,
+                done=True,
+            )
+        except SpendgateError as error:
+            await context.abort(status_of(error), str(error))
+
+    @grpc_errors
+    async def GetTree(
+        self, request: admin_pb2.GetTreeRequest, context: Context
+    ) -> admin_pb2.GetTreeResponse:
+        """Report a subtree with budgets."""
+        if request.node_id:
+            check_id(request.node_id, "node_id")
+        entries = await self._admin.tree(request.node_id)
+        return admin_pb2.GetTreeResponse(
+            nodes=[
+                admin_pb2.TreeNode(depth=entry.depth, budget=encode_budget(entry.budget), shadow=entry.shadow)
+                for entry in entries
+            ]
+        )
+
+    @grpc_errors
+    async def SetLimits(
+        self, request: admin_pb2.SetLimitsRequest, context: Context
+    ) -> admin_pb2.SetLimitsResponse:
+        """Replace a node's limits."""
+        budget = await self._admin.set_limits(
+            request.node_id, decode_limits(request.limits), shadow=request.shadow, actor=actor_of(context)
+        )
+        return admin_pb2.SetLimitsResponse(budget=encode_budget(budget))
+
+    @grpc_errors
+    async def CreateNode(
+        self, request: admin_pb2.CreateNodeRequest, context: Context
+    ) -> admin_pb2.CreateNodeResponse:
+        """Add a pool or a wallet."""
+        kinds = {spend_pb2.NODE_KIND_POOL: NodeKind.POOL, spend_pb2.NODE_KIND_WALLET: NodeKind.WALLET}
+        if request.kind not in kinds:
+            raise InvalidArgumentError("kind must be NODE_KIND_POOL or NODE_KIND_WALLET")
+        check_id(request.parent_id, "parent_id")
+        budget = await self._admin.create_node(
+            request.node_id,
+            request.parent_id,
+            kinds[request.kind],
+            decode_limits(request.limits),
+            actor=actor_of(context),
+        )
+        return admin_pb2.CreateNodeResponse(budget=encode_budget(budget))
+
+    @grpc_errors
+    async def MoveNode(
+        self, request: admin_pb2.MoveNodeRequest, context: Context
+    ) -> admin_pb2.MoveNodeResponse:
+        """Give a node another parent."""
+        budget = await self._admin.move_node(
+            request.node_id, request.new_parent_id, force=request.force, actor=actor_of(context)
+        )
+        return admin_pb2.MoveNodeResponse(budget=encode_budget(budget))
+
+    @grpc_errors
+    async def DeleteNode(
+        self, request: admin_pb2.DeleteNodeRequest, context: Context
+    ) -> admin_pb2.DeleteNodeResponse:
+        """Remove a node and its subtree."""
+        removed = await self._admin.delete_node(request.node_id, force=request.force, actor=actor_of(context))
+        return admin_pb2.DeleteNodeResponse(removed_node_ids=removed)
+
+    @grpc_errors
+    async def FreezeNode(
+        self, request: admin_pb2.FreezeNodeRequest, context: Context
+    ) -> admin_pb2.FreezeNodeResponse:
+        """Freeze a node."""
+        voided, released = await self._admin.freeze(
+            request.node_id, request.reason, void_holds=request.void_holds, actor=actor_of(context)
+        )
+        return admin_pb2.FreezeNodeResponse(voided_holds=voided, released_micros=released)
+
+    @grpc_errors
+    async def UnfreezeNode(
+        self, request: admin_pb2.UnfreezeNodeRequest, context: Context
+    ) -> admin_pb2.UnfreezeNodeResponse:
+        """Unfreeze a node."""
+        return admin_pb2.UnfreezeNodeResponse(
+            was_frozen=await self._admin.unfreeze(request.node_id, actor=actor_of(context))
+        )
+
+    async def WatchEvents(
+        self, request: admin_pb2.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+        """Stream events under a node until the client goes away."""
+        if self._watchers >= WATCHERS_MAX:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {WATCHERS_MAX} watchers at once")
+        self._watchers += 1
+        try:
+            async for event in self._watch(request):
+                yield event
+        except SpendgateError as error:
+            await context.abort(status_of(error), str(error))
+        finally:
+            self._watchers -= 1
+
+    async def _scope(self, node_id: str) -> tuple[list[str], set[str] | None]:
+        """The accounts to read and the node ids to keep (``None``: every node)."""
+        if not node_id:
+            return await self._store.account_ids(), None
+        check_id(node_id, "node_id")
+        account_id = await self._store.account_of(node_id)
+        plan = await self._store.read_plan(account_id)
+        ids = {n.node_id for n in subtree(plan, node_id)} if plan else {node_id}
+        return [account_id], ids
+
+    async def _watch(self, request: admin_pb2.WatchEventsRequest) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+        kinds = {int(kind) for kind in request.kinds if kind}
+        accounts, ids = await self._scope(request.node_id)
+        last = {account: await self._store.last_event_id(account) for account in accounts}
+        loop = asyncio.get_running_loop()
+        refreshed = loop.time()
+        while True:
+            if loop.time() - refreshed > WATCH_REFRESH_S:
+                accounts, ids = await self._scope(request.node_id)
+                for account in accounts:
+                    if account not in last:
+                        last[account] = await self._store.last_event_id(account)
+                refreshed = loop.time()
+            events = await self._store.read_events(last, WATCH_BATCH_MAX)
+            for account, event_id, fields in events:
+                last[account] = event_id
+                kind = int(fields.get("k", "0"))
+                chain = [part for part in fields.get("chain", "").split(",") if part]
+                if kinds and kind not in kinds:
+                    continue
+                if ids is not None and not (ids & {fields.get("node", ""), *chain}):
+                    continue
+                yield admin_pb2.WatchEventsResponse(
+                    kind=kind,  # type: ignore[arg-type]
+                    at_ms=int(fields.get("at", "0")),
+                    account_id=account,
+                    node_id=fields.get("node", ""),
+                    chain=chain,
+                    amount_micros=int(fields.get("amt", "0") or 0),
+                    decision=int(fields.get("dec", "0") or 0),  # type: ignore[arg-type]
+                    deny_reason=int(fields.get("rsn", "0") or 0),  # type: ignore[arg-type]
+                    window=int(fields.get("win", "0") or 0),  # type: ignore[arg-type]
+                    threshold_percent=int(fields.get("pct", "0") or 0),
+                    message=fields.get("msg", ""),
+                    authorization_id=fields.get("auth", ""),
+                )
+            if not events:
+                await asyncio.sleep(WATCH_POLL_S)
