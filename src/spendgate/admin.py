@@ -234,6 +234,17 @@ class AdminCore:
                 f"account {plan.account_id!r} uses {current.currency} in {current.time_zone}; a plan cannot change "
                 "its currency or time zone"
             )
+        if current is not None:
+            # A plan freezes a node when it says so, but never unfreezes one: an incident freeze stays until an
+            # operator lifts it, however often the plan is re-applied.
+            frozen = {node.node_id: node.frozen_reason for node in current.nodes if node.frozen_reason}
+            plan = dataclasses.replace(
+                plan,
+                nodes=tuple(
+                    dataclasses.replace(node, frozen_reason=node.frozen_reason or frozen.get(node.node_id, ""))
+                    for node in plan.nodes
+                ),
+            )
         changes = diff_plans(current, plan)
         marked = []
         for change in changes:

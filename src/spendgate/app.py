@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
+from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, spend_pb2_grpc
+from spendgate.admin import AdminCore
+from spendgate.api.admin import AdminServicer
 from spendgate.api.spend import SpendServicer
 from spendgate.clock import Clock, SystemClock
 from spendgate.core import SpendCore
@@ -29,6 +31,7 @@ from spendgate.store.redis_store import RedisStore
 log = logging.getLogger("spendgate")
 
 SPEND_SERVICE = spend_pb2.DESCRIPTOR.services_by_name["SpendService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 HEALTH_PROBE_INTERVAL_S = 1.0
 
 
@@ -67,10 +70,17 @@ class SpendgateServer:
     """A running spendgate: the gRPC server, its health service and its background tasks."""
 
     def __init__(
-        self, settings: Settings, core: SpendCore, server: grpc.aio.Server, health: HealthServicer, port: int
+        self,
+        settings: Settings,
+        core: SpendCore,
+        admin: AdminCore,
+        server: grpc.aio.Server,
+        health: HealthServicer,
+        port: int,
     ) -> None:
         self.settings = settings
         self.core = core
+        self.admin = admin
         self.port = port
         self._server = server
         self._health = health
@@ -134,11 +144,19 @@ async def create_server(
 ) -> SpendgateServer:
     """Build (not start) a server from settings; loads the settings' plan, if any."""
     store = build_store(settings, client)
-    core = SpendCore(store, clock or SystemClock())
+    clock = clock or SystemClock()
+    core = SpendCore(store, clock)
+    admin = AdminCore(store, core, clock)
     if settings.plan:
         plan = load_plan(settings.plan)
-        await core.apply_plan(plan)
-        log.info("applied plan %s: account %s with %d nodes", settings.plan, plan.account_id, len(plan.nodes))
+        changes = await admin.apply_plan(plan, actor="spendgate serve --plan")
+        log.info(
+            "applied plan %s: account %s, %d nodes, %d changes",
+            settings.plan,
+            plan.account_id,
+            len(plan.nodes),
+            len(changes),
+        )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.message_size_max_bytes),
@@ -148,16 +166,22 @@ async def create_server(
     )
     # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
     spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core), server)  # type: ignore[no-untyped-call]
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, store), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SPEND_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SPEND_SERVICE,
+            ADMIN_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if settings.unix_socket:
         server.add_insecure_port(f"unix:{settings.unix_socket}")
-    return SpendgateServer(settings, core, server, health, port)
+    return SpendgateServer(settings, core, admin, server, health, port)
 
 
 @contextlib.asynccontextmanager

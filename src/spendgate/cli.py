@@ -16,12 +16,15 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spendgate.client import Client
+from spendgate.client import AdminClient, Client, Event
 from spendgate.domain import (
     AuthorizeResult,
+    Limits,
     NodeBudget,
+    NodeKind,
     SpendgateError,
     Window,
 )
@@ -328,3 +331,272 @@ def budget(context: click.Context, node: str, as_json: bool) -> None:
 def main() -> None:
     """Entry point of the ``spendgate`` command."""
     cli()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The control plane.
+
+
+def _admin(context: click.Context) -> AdminClient:
+    options = context.find_root().params
+    return AdminClient(options["target"], token=options["token"], timeout_s=max(options["timeout"], 30.0))
+
+
+_CHANGE_STYLE = {"added": "green", "changed": "yellow", "moved": "cyan", "removed": "red"}
+
+
+@cli.command()
+@click.argument("plan_file", type=click.File("r"))
+@click.option("--dry-run", is_flag=True, help="Print the diff; change nothing.")
+@click.option("--force", is_flag=True, help="Remove or move nodes even with held money or spend in open windows.")
+@click.pass_context
+def apply(context: click.Context, plan_file: Any, dry_run: bool, force: bool) -> None:
+    """Make an account's tree match PLAN_FILE (YAML); idempotent. Prints the changes."""
+    text = plan_file.read()
+    last = None
+    with (
+        _admin(context) as admin,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=error_console,
+            transient=True,
+        ) as progress,
+    ):
+        task = progress.add_task("applying" if not dry_run else "diffing", total=None)
+        try:
+            for update in admin.apply_plan(text, dry_run=dry_run, force=force):
+                progress.update(task, completed=update.nodes_done, total=update.nodes_total or None)
+                last = update
+        except SpendgateError as error:
+            fail(f"{type(error).__name__.removesuffix('Error')}: {error}")
+    if last is None:
+        fail("the server sent no answer")
+    if not last.changes:
+        console.print("no changes: the tree already matches the plan")
+        return
+    for change in last.changes:
+        style = _CHANGE_STYLE.get(change.kind, "white")
+        line = f"[{style}]{change.kind:>8}[/] {change.node_id}"
+        if change.before and change.after:
+            line += f"\n           {change.before}\n        -> {change.after}"
+        else:
+            line += f"  {change.after or change.before}"
+        if change.unsafe_reason:
+            line += f"\n           [bold red]unsafe:[/] {change.unsafe_reason}"
+        console.print(line, highlight=False)
+    verb = "would change" if dry_run else "changed"
+    console.print(f"{verb} {len(last.changes)} node(s)", highlight=False)
+
+
+def _bar(used: int, limit: int | None, width: int = 10) -> str:
+    if not limit:
+        return ""
+    ratio = used / limit
+    filled = min(width, round(ratio * width))
+    colour = "green" if ratio < 0.5 else "yellow" if ratio < 0.8 else "red"
+    return f"[{colour}]{'█' * filled}{'░' * (width - filled)}[/] {ratio:4.0%}"
+
+
+@cli.command()
+@click.argument("node", required=False, default="")
+@click.option(
+    "--window",
+    type=click.Choice(["day", "week", "month", "total"]),
+    default=None,
+    help="Show only this window (by default every window with a limit).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
+@click.pass_context
+def tree(context: click.Context, node: str, window: str | None, as_json: bool) -> None:
+    """Show the hierarchy under NODE (everything by default) with spent / held / limit and utilization."""
+    with _admin(context) as admin:
+        entries = _call(lambda: admin.tree(node))
+    if as_json:
+        click.echo(json.dumps([{"depth": d, "shadow": s, "budget": _jsonable(b)} for d, b, s in entries], indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("node", "window", "spent", "held", "limit", "utilization"):
+        table.add_column(column, justify="right" if column in ("spent", "held", "limit") else "left", no_wrap=True)
+    for depth, budget, shadow in entries:
+        label = "  " * depth + budget.node_id + (" [red](frozen)[/]" if budget.frozen else "")
+        label += " [dim](shadow)[/]" if shadow else ""
+        rows = [
+            w
+            for w in budget.windows
+            if (window is None and w.limit_micros is not None)
+            or (window is not None and _WINDOW_NAMES[w.window] == window)
+        ]
+        if not rows:
+            table.add_row(label, "", "", "", "", "")
+        for index, w in enumerate(rows):
+            used = w.spent_micros + w.held_micros
+            table.add_row(
+                label if index == 0 else "",
+                _WINDOW_NAMES[w.window],
+                format_amount(w.spent_micros, budget.currency),
+                format_amount(w.held_micros, budget.currency),
+                format_amount(w.limit_micros, budget.currency) if w.limit_micros is not None else "-",
+                _bar(used, w.limit_micros),
+            )
+    console.print(table)
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--reason", required=True, help="Why (kept in the audit log and the event feed).")
+@click.option("--void-holds", is_flag=True, help="Also void every open hold under the node.")
+@click.pass_context
+def freeze(context: click.Context, node: str, reason: str, void_holds: bool) -> None:
+    """Freeze NODE: every authorization under it is denied from the very next call."""
+    with _admin(context) as admin:
+        voided, released = _call(lambda: admin.freeze(node, reason, void_holds=void_holds))
+    message = f"[bold red]FROZEN[/] {node}: {reason}"
+    if void_holds:
+        message += f"; voided {voided} hold(s), released {format_amount(released)}"
+    console.print(message, highlight=False)
+
+
+@cli.command()
+@click.argument("node")
+@click.pass_context
+def unfreeze(context: click.Context, node: str) -> None:
+    """Let NODE spend again."""
+    with _admin(context) as admin:
+        was_frozen = _call(lambda: admin.unfreeze(node))
+    console.print(f"[bold green]UNFROZEN[/] {node}" if was_frozen else f"{node} was not frozen", highlight=False)
+
+
+def _limits_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for name in ("total", "month", "week", "day", "per-transaction"):
+        function = click.option(f"--{name}", default=None, metavar="AMOUNT", help=f"The {name} limit, e.g. 50.")(
+            function
+        )
+    function = click.option("--velocity", type=int, default=None, help="Approved transactions per minute.")(function)
+    return click.option("--service", "services", multiple=True, help="An allowed service; repeatable.")(function)
+
+
+def _limits(
+    per_transaction: str | None,
+    day: str | None,
+    week: str | None,
+    month: str | None,
+    total: str | None,
+    velocity: int | None,
+    services: tuple[str, ...],
+) -> Limits:
+    def money(value: str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_amount(value)
+        except MoneyError as error:
+            fail(str(error))
+
+    return Limits(
+        per_transaction_micros=money(per_transaction),
+        day_micros=money(day),
+        week_micros=money(week),
+        month_micros=money(month),
+        total_micros=money(total),
+        velocity_per_minute=velocity,
+        allowed_services=services,
+    )
+
+
+@cli.command("set-limits")
+@click.argument("node")
+@_limits_options
+@click.option("--shadow", is_flag=True, help="Evaluate and report the limits, do not enforce them.")
+@click.pass_context
+def set_limits(context: click.Context, /, node: str, shadow: bool, **limits: Any) -> None:
+    """Replace NODE's limits (every limit not given is removed)."""
+    with _admin(context) as admin:
+        result = _call(lambda: admin.set_limits(node, _limits(**limits), shadow=shadow))
+    console.print(budget_table(result))
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--parent", required=True, help="The account or pool to create it under.")
+@click.option("--pool", "is_pool", is_flag=True, help="Create a pool (a wallet by default).")
+@_limits_options
+@click.pass_context
+def create(context: click.Context, /, node: str, parent: str, is_pool: bool, **limits: Any) -> None:
+    """Create a wallet (or with --pool a pool) called NODE under --parent."""
+    kind = NodeKind.POOL if is_pool else NodeKind.WALLET
+    with _admin(context) as admin:
+        result = _call(lambda: admin.create_node(node, parent, kind, _limits(**limits)))
+    console.print(budget_table(result))
+
+
+@cli.command()
+@click.argument("node")
+@click.argument("new_parent")
+@click.option("--force", is_flag=True, help="Move even with held money or spend in open windows.")
+@click.pass_context
+def move(context: click.Context, node: str, new_parent: str, force: bool) -> None:
+    """Move NODE under NEW_PARENT."""
+    with _admin(context) as admin:
+        result = _call(lambda: admin.move_node(node, new_parent, force=force))
+    console.print(f"moved {node} under {result.parent_id}", highlight=False)
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--force", is_flag=True, help="Delete even with held money or spend in open windows.")
+@click.pass_context
+def delete(context: click.Context, node: str, force: bool) -> None:
+    """Delete NODE and everything under it."""
+    with _admin(context) as admin:
+        removed = _call(lambda: admin.delete_node(node, force=force))
+    console.print(f"deleted {', '.join(removed)}", highlight=False)
+
+
+@cli.command()
+@click.argument("node", required=False, default="")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice(["decision", "capture", "void", "alert", "freeze", "unfreeze", "config"]),
+    help="Only these kinds of events; repeatable.",
+)
+@click.option("--count", type=int, default=0, help="Stop after this many events (0: until Ctrl-C).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def watch(context: click.Context, node: str, kinds: tuple[str, ...], count: int, as_json: bool) -> None:
+    """Print the live feed of decisions, captures, alerts and freezes under NODE."""
+    seen = 0
+    with _admin(context) as admin:
+        try:
+            for event in _call(lambda: admin.watch(node, kinds)):
+                if as_json:
+                    click.echo(json.dumps(_jsonable(event)))
+                else:
+                    console.print(_describe_event(event), highlight=False)
+                seen += 1
+                if count and seen >= count:
+                    break
+        except KeyboardInterrupt:
+            pass
+
+
+def _describe_event(event: Event) -> str:
+    when = _time(event.at_ms)
+    amount = format_amount(event.amount_micros)
+    match event.kind:
+        case "decision":
+            verdict = "[green]approved[/]" if event.decision == "approved" else f"[red]denied[/] {event.deny_reason}"
+            return f"{when} decision {event.node_id} {amount} {verdict}"
+        case "alert":
+            return (
+                f"{when} [yellow]alert[/] {event.node_id} crossed {event.threshold_percent}% of its "
+                f"{event.window} limit ({amount} spent or held)"
+            )
+        case "freeze":
+            return f"{when} [bold red]freeze[/] {event.node_id}: {event.message}"
+        case _:
+            return f"{when} {event.kind} {event.node_id} {amount} {event.message}".rstrip()

@@ -11,18 +11,20 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
+from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, spend_pb2_grpc
 from spendgate.api.codec import decode_authorize, decode_budget, decode_capture, decode_void
 from spendgate.api.errors import STATUS_OF
 from spendgate.domain import (
     AuthorizeResult,
     CaptureResult,
+    Limits,
     NodeBudget,
+    NodeKind,
     SpendgateError,
     UnavailableError,
     VoidResult,
@@ -246,3 +248,186 @@ class Client:
     def get_budget(self, node_id: str) -> NodeBudget:
         """Report a node's budget."""
         return self._call(self._stub.GetBudget, spend_pb2.GetBudgetRequest(node_id=node_id), decode_budget)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One event of the live feed."""
+
+    kind: str
+    at_ms: int
+    account_id: str
+    node_id: str
+    chain: tuple[str, ...]
+    amount_micros: int
+    decision: str
+    deny_reason: str
+    window: str
+    threshold_percent: int
+    message: str
+    authorization_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanChangeView:
+    """One change of a plan diff as the server described it."""
+
+    node_id: str
+    kind: str
+    before: str
+    after: str
+    unsafe_reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApplyProgress:
+    """Progress of a plan being applied; the last one has ``done`` set and carries the changes."""
+
+    nodes_done: int
+    nodes_total: int
+    done: bool = False
+    applied: bool = False
+    changes: tuple[PlanChangeView, ...] = ()
+
+
+def _limits_message(limits: Limits) -> admin_pb2.NodeLimits:
+    message = admin_pb2.NodeLimits(allowed_services=list(limits.allowed_services))
+    for name in (
+        "per_transaction_micros",
+        "day_micros",
+        "week_micros",
+        "month_micros",
+        "total_micros",
+        "velocity_per_minute",
+    ):
+        value = getattr(limits, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+class AdminClient:
+    """A blocking client of AdminService (operators' tools and the CLI). Admin calls are not retried."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._metadata = _metadata(token)
+        self._timeout_s = timeout_s
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self._timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _error(error) from None
+
+    def apply_plan(self, plan_yaml: str, *, dry_run: bool = False, force: bool = False) -> Iterator[ApplyProgress]:
+        """Apply a plan (YAML text), yielding progress; the last item carries the changes."""
+        request = admin_pb2.ApplyPlanRequest(plan_yaml=plan_yaml, dry_run=dry_run, force=force)
+        try:
+            for message in self._stub.ApplyPlan(request, timeout=max(self._timeout_s, 600.0), metadata=self._metadata):
+                yield ApplyProgress(
+                    nodes_done=message.nodes_done,
+                    nodes_total=message.nodes_total,
+                    done=message.done,
+                    applied=message.applied,
+                    changes=tuple(
+                        PlanChangeView(
+                            c.node_id,
+                            admin_pb2.ChangeKind.Name(c.kind).removeprefix("CHANGE_KIND_").lower(),
+                            c.before,
+                            c.after,
+                            c.unsafe_reason,
+                        )
+                        for c in message.changes
+                    ),
+                )
+        except grpc.RpcError as error:
+            raise _error(error) from None
+
+    def tree(self, node_id: str = "") -> list[tuple[int, NodeBudget, bool]]:
+        """The subtree of a node (every account when empty): (depth, budget, shadow), parents first."""
+        response = self._unary(self._stub.GetTree, admin_pb2.GetTreeRequest(node_id=node_id))
+        return [(node.depth, decode_budget(node.budget), node.shadow) for node in response.nodes]
+
+    def freeze(self, node_id: str, reason: str, *, void_holds: bool = False) -> tuple[int, int]:
+        """Freeze a node; return (holds voided, money released in micro-units)."""
+        response = self._unary(
+            self._stub.FreezeNode, admin_pb2.FreezeNodeRequest(node_id=node_id, reason=reason, void_holds=void_holds)
+        )
+        return int(response.voided_holds), int(response.released_micros)
+
+    def unfreeze(self, node_id: str) -> bool:
+        """Unfreeze a node; return whether it was frozen."""
+        return bool(self._unary(self._stub.UnfreezeNode, admin_pb2.UnfreezeNodeRequest(node_id=node_id)).was_frozen)
+
+    def set_limits(self, node_id: str, limits: Limits, *, shadow: bool = False) -> NodeBudget:
+        """Replace a node's limits (a limit left out is removed)."""
+        request = admin_pb2.SetLimitsRequest(node_id=node_id, limits=_limits_message(limits), shadow=shadow)
+        return decode_budget(self._unary(self._stub.SetLimits, request).budget)
+
+    def create_node(self, node_id: str, parent_id: str, kind: NodeKind, limits: Limits) -> NodeBudget:
+        """Add a pool or a wallet."""
+        request = admin_pb2.CreateNodeRequest(
+            node_id=node_id,
+            parent_id=parent_id,
+            kind=int(kind),  # type: ignore[arg-type]
+            limits=_limits_message(limits),
+        )
+        return decode_budget(self._unary(self._stub.CreateNode, request).budget)
+
+    def move_node(self, node_id: str, new_parent_id: str, *, force: bool = False) -> NodeBudget:
+        """Give a node another parent."""
+        request = admin_pb2.MoveNodeRequest(node_id=node_id, new_parent_id=new_parent_id, force=force)
+        return decode_budget(self._unary(self._stub.MoveNode, request).budget)
+
+    def delete_node(self, node_id: str, *, force: bool = False) -> list[str]:
+        """Remove a node and its subtree; return the ids removed."""
+        request = admin_pb2.DeleteNodeRequest(node_id=node_id, force=force)
+        return list(self._unary(self._stub.DeleteNode, request).removed_node_ids)
+
+    def watch(self, node_id: str = "", kinds: Sequence[str] = ()) -> Iterator[Event]:
+        """Stream events under a node (everything when empty) until the caller stops iterating."""
+        codes = [f"EVENT_KIND_{kind.upper()}" for kind in kinds]
+        stream = self._stub.WatchEvents(
+            admin_pb2.WatchEventsRequest(node_id=node_id, kinds=codes), metadata=self._metadata
+        )
+        try:
+            for message in stream:
+                yield Event(
+                    kind=admin_pb2.EventKind.Name(message.kind).removeprefix("EVENT_KIND_").lower(),
+                    at_ms=message.at_ms,
+                    account_id=message.account_id,
+                    node_id=message.node_id,
+                    chain=tuple(message.chain),
+                    amount_micros=message.amount_micros,
+                    decision=spend_pb2.Decision.Name(message.decision).removeprefix("DECISION_").lower(),
+                    deny_reason=spend_pb2.DenyReason.Name(message.deny_reason).removeprefix("DENY_REASON_").lower(),
+                    window=spend_pb2.Window.Name(message.window).removeprefix("WINDOW_").lower(),
+                    threshold_percent=message.threshold_percent,
+                    message=message.message,
+                    authorization_id=message.authorization_id,
+                )
+        except grpc.RpcError as error:
+            if error.code() is not grpc.StatusCode.CANCELLED:
+                raise _error(error) from None
+        finally:
+            stream.cancel()

@@ -135,9 +135,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(status_of(error), str(error))
 
     @grpc_errors
-    async def GetTree(
-        self, request: admin_pb2.GetTreeRequest, context: Context
-    ) -> admin_pb2.GetTreeResponse:
+    async def GetTree(self, request: admin_pb2.GetTreeRequest, context: Context) -> admin_pb2.GetTreeResponse:
         """Report a subtree with budgets."""
         if request.node_id:
             check_id(request.node_id, "node_id")
@@ -150,9 +148,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @grpc_errors
-    async def SetLimits(
-        self, request: admin_pb2.SetLimitsRequest, context: Context
-    ) -> admin_pb2.SetLimitsResponse:
+    async def SetLimits(self, request: admin_pb2.SetLimitsRequest, context: Context) -> admin_pb2.SetLimitsResponse:
         """Replace a node's limits."""
         budget = await self._admin.set_limits(
             request.node_id, decode_limits(request.limits), shadow=request.shadow, actor=actor_of(context)
@@ -160,9 +156,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.SetLimitsResponse(budget=encode_budget(budget))
 
     @grpc_errors
-    async def CreateNode(
-        self, request: admin_pb2.CreateNodeRequest, context: Context
-    ) -> admin_pb2.CreateNodeResponse:
+    async def CreateNode(self, request: admin_pb2.CreateNodeRequest, context: Context) -> admin_pb2.CreateNodeResponse:
         """Add a pool or a wallet."""
         kinds = {spend_pb2.NODE_KIND_POOL: NodeKind.POOL, spend_pb2.NODE_KIND_WALLET: NodeKind.WALLET}
         if request.kind not in kinds:
@@ -178,9 +172,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.CreateNodeResponse(budget=encode_budget(budget))
 
     @grpc_errors
-    async def MoveNode(
-        self, request: admin_pb2.MoveNodeRequest, context: Context
-    ) -> admin_pb2.MoveNodeResponse:
+    async def MoveNode(self, request: admin_pb2.MoveNodeRequest, context: Context) -> admin_pb2.MoveNodeResponse:
         """Give a node another parent."""
         budget = await self._admin.move_node(
             request.node_id, request.new_parent_id, force=request.force, actor=actor_of(context)
@@ -188,17 +180,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.MoveNodeResponse(budget=encode_budget(budget))
 
     @grpc_errors
-    async def DeleteNode(
-        self, request: admin_pb2.DeleteNodeRequest, context: Context
-    ) -> admin_pb2.DeleteNodeResponse:
+    async def DeleteNode(self, request: admin_pb2.DeleteNodeRequest, context: Context) -> admin_pb2.DeleteNodeResponse:
         """Remove a node and its subtree."""
         removed = await self._admin.delete_node(request.node_id, force=request.force, actor=actor_of(context))
         return admin_pb2.DeleteNodeResponse(removed_node_ids=removed)
 
     @grpc_errors
-    async def FreezeNode(
-        self, request: admin_pb2.FreezeNodeRequest, context: Context
-    ) -> admin_pb2.FreezeNodeResponse:
+    async def FreezeNode(self, request: admin_pb2.FreezeNodeRequest, context: Context) -> admin_pb2.FreezeNodeResponse:
         """Freeze a node."""
         voided, released = await self._admin.freeze(
             request.node_id, request.reason, void_holds=request.void_holds, actor=actor_of(context)

@@ -463,7 +463,7 @@ class RedisStore:
             for node_id in batch:
                 pipe.hmget(self.keys.node(account_id, node_id), list(_CONFIG_FIELDS))
             for node_id, values in zip(batch, await self._call(pipe.execute(), timeout_s=BULK_TIMEOUT_S), strict=True):
-                if values[1] is not None:
+                if values[0] is not None:
                     specs[node_id] = _node_spec(node_id, dict(zip(_CONFIG_FIELDS, values, strict=True)))
         ordered: list[NodeSpec] = []
         children: dict[str | None, list[NodeSpec]] = {}
@@ -554,7 +554,9 @@ class RedisStore:
 def _node_fields(node: NodeSpec, plan: AccountPlan, parent_key: str) -> list[str]:
     """Return the configuration fields of a node's hash (see _lib.lua for their meaning)."""
     limits = node.limits
-    fields = ["id", node.node_id, "kind", _KIND_NAMES[node.kind], "frz", node.frozen_reason]
+    fields = ["id", node.node_id, "kind", _KIND_NAMES[node.kind]]
+    if node.frozen_reason:
+        fields += ["frz", node.frozen_reason]
     if node.parent_id:
         fields += ["parent", node.parent_id, "pkey", parent_key]
     for name, value in (

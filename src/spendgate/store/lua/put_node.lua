@@ -8,7 +8,9 @@
 -- KEYS[6]  the account's set of node ids
 -- ARGV[1]  account_id
 -- ARGV[2..] field, value pairs of the node's configuration (see _lib.lua); config fields not given are
---          removed, so a limit dropped from a plan is dropped from the node.
+--          removed, so a limit dropped from a plan is dropped from the node. The freeze flag (frz) is the
+--          exception: a plan may freeze a node, but only an unfreeze lifts a freeze, so re-applying a plan
+--          never undoes an operator's (or the breaker's) freeze in an incident.
 --
 -- Returns {'OK', topo} or {'ERR', code, detail} with code OTHER_ACCOUNT (the id belongs to another account)
 -- or NO_PARENT.
@@ -24,7 +26,7 @@ end
 if KEYS[5] ~= '' and redis.call('EXISTS', KEYS[5]) == 0 then
   return {'ERR', 'NO_PARENT', ''}
 end
-local CONFIG = {'id', 'kind', 'parent', 'pkey', 'ptx', 'l:d', 'l:w', 'l:m', 'l:t', 'vel', 'svc', 'frz', 'cur', 'tz', 'shd', 'brk'}
+local CONFIG = {'id', 'kind', 'parent', 'pkey', 'ptx', 'l:d', 'l:w', 'l:m', 'l:t', 'vel', 'svc', 'cur', 'tz', 'shd', 'brk'}
 redis.call('HDEL', KEYS[1], unpack(CONFIG))
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
