@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/spendgate serve --plan examples/fleet.yaml
+	$(BIN)/spendgate serve --plan examples/fleet.yaml --log-format text --metrics-port 9464
 
 test: $(STAMP)
 	$(BIN)/pytest

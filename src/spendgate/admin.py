@@ -173,7 +173,7 @@ class AdminCore:
     """Shape the hierarchy, freeze nodes and report the tree."""
 
     def __init__(self, store: AdminStore, spend: SpendCore, clock: Clock, audit: AuditLog | None = None) -> None:
-        self._store = store
+        self.store = store
         self._spend = spend
         self._clock = clock
         self._audit: AuditLog = audit or NoAuditLog()
@@ -197,15 +197,15 @@ class AdminCore:
             after=node_record(after),
             at_ms=now_ms,
         )
-        await self._store.append_event(
+        await self.store.append_event(
             account_id,
             {"k": EVENT_CONFIG, "at": str(now_ms), "node": node_id, "chain": node_id, "amt": "0", "msg": message},
         )
 
     async def _plan_of(self, node_id: str) -> tuple[AccountPlan, NodeSpec]:
         check_id(node_id, "node_id")
-        account_id = await self._store.account_of(node_id)
-        plan = await self._store.read_plan(account_id)
+        account_id = await self.store.account_of(node_id)
+        plan = await self.store.read_plan(account_id)
         if plan is not None:
             for node in plan.nodes:
                 if node.node_id == node_id:
@@ -213,7 +213,7 @@ class AdminCore:
         raise NotFoundError(f"no node {node_id!r}")
 
     async def _unsafe(self, plan: AccountPlan, node_id: str) -> str:
-        held, spent = await self._store.node_activity(
+        held, spent = await self.store.node_activity(
             plan.account_id, node_id, windows_at(self._clock.now_ms(), plan.time_zone)
         )
         if held or spent:
@@ -228,7 +228,7 @@ class AdminCore:
 
     async def plan_changes(self, plan: AccountPlan) -> list[PlanChange]:
         """Diff a plan against what is configured, with the unsafe removals and moves marked."""
-        current = await self._store.read_plan(plan.account_id)
+        current = await self.store.read_plan(plan.account_id)
         if current is not None and (current.currency, current.time_zone) != (plan.currency, plan.time_zone):
             raise InvalidArgumentError(
                 f"account {plan.account_id!r} uses {current.currency} in {current.time_zone}; a plan cannot change "
@@ -281,12 +281,12 @@ class AdminCore:
         writes = [change.after for change in changes if change.after is not None]
         removals = [change for change in changes if change.kind is ChangeKind.REMOVED]
         total = len(writes) + len(removals)
-        await self._store.put_plan(
+        await self.store.put_plan(
             plan, nodes=writes, progress=(lambda done: progress(done, total)) if progress else None
         )
         windows = windows_at(self._clock.now_ms(), plan.time_zone)
         for index, change in enumerate(removals, start=1):
-            await self._store.delete_node(plan.account_id, change.node_id, force=force, windows=windows)
+            await self.store.delete_node(plan.account_id, change.node_id, force=force, windows=windows)
             if progress is not None:
                 progress(len(writes) + index, total)
         for change in changes:
@@ -308,7 +308,7 @@ class AdminCore:
         """Replace a node's limits and shadow flag."""
         plan, node = await self._plan_of(node_id)
         updated = dataclasses.replace(node, limits=limits, shadow=shadow)
-        await self._store.put_plan(plan, nodes=[updated])
+        await self.store.put_plan(plan, nodes=[updated])
         await self._record(
             actor,
             "node.set_limits",
@@ -333,7 +333,7 @@ class AdminCore:
         if any(node.node_id == node_id for node in plan.nodes):
             raise InvalidArgumentError(f"node {node_id!r} already exists")
         node = NodeSpec(node_id=node_id, kind=kind, parent_id=parent_id, limits=limits)
-        await self._store.put_plan(plan, nodes=[node])
+        await self.store.put_plan(plan, nodes=[node])
         await self._record(
             actor, "node.create", plan.account_id, node_id, None, node, f"created {describe_node(node, plan.currency)}"
         )
@@ -357,7 +357,7 @@ class AdminCore:
         if unsafe and not force:
             raise FailedPreconditionError(f"refusing to move: {unsafe} (pass force to move it anyway)")
         moved = dataclasses.replace(node, parent_id=new_parent_id)
-        await self._store.put_plan(plan, nodes=[moved])
+        await self.store.put_plan(plan, nodes=[moved])
         await self._record(
             actor,
             "node.move",
@@ -381,7 +381,7 @@ class AdminCore:
                 raise FailedPreconditionError("refusing to delete: " + "; ".join(reasons) + " (pass force)")
         windows = windows_at(self._clock.now_ms(), plan.time_zone)
         for doomed_node in reversed(doomed):
-            await self._store.delete_node(plan.account_id, doomed_node.node_id, force=force, windows=windows)
+            await self.store.delete_node(plan.account_id, doomed_node.node_id, force=force, windows=windows)
             await self._record(
                 actor,
                 "node.delete",
@@ -401,7 +401,7 @@ class AdminCore:
         if not reason.strip():
             raise InvalidArgumentError("a freeze needs a reason (it is shown in the audit log and the feed)")
         plan, node = await self._plan_of(node_id)
-        _, voided, released = await self._store.freeze(
+        _, voided, released = await self.store.freeze(
             plan.account_id, node_id, reason, void_holds=void_holds, now_ms=self._clock.now_ms()
         )
         await self._audit.record_audit(
@@ -417,7 +417,7 @@ class AdminCore:
     async def unfreeze(self, node_id: str, *, actor: str = "") -> bool:
         """Let a frozen node spend again; return whether it was frozen."""
         plan, node = await self._plan_of(node_id)
-        was_frozen, _, _ = await self._store.freeze(
+        was_frozen, _, _ = await self.store.freeze(
             plan.account_id, node_id, "", void_holds=False, now_ms=self._clock.now_ms()
         )
         await self._audit.record_audit(
@@ -440,8 +440,8 @@ class AdminCore:
             roots = [(plan, node_id)]
         else:
             roots = []
-            for account_id in await self._store.account_ids():
-                account_plan = await self._store.read_plan(account_id)
+            for account_id in await self.store.account_ids():
+                account_plan = await self.store.read_plan(account_id)
                 if account_plan is not None:
                     roots.append((account_plan, account_id))
         entries = []

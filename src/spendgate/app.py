@@ -23,6 +23,7 @@ from spendgate.api.spend import SpendServicer
 from spendgate.clock import Clock, SystemClock
 from spendgate.core import SpendCore
 from spendgate.domain import SpendgateError
+from spendgate.metrics import Metrics, MetricsInterceptor, collect_forever
 from spendgate.plan import load_plan
 from spendgate.settings import Settings
 from spendgate.store.keys import Keys
@@ -54,7 +55,7 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     )
 
 
-def build_store(settings: Settings, client: aioredis.Redis | None = None) -> RedisStore:
+def build_store(settings: Settings, client: aioredis.Redis | None = None, metrics: Metrics | None = None) -> RedisStore:
     """Return the store for the settings."""
     return RedisStore(
         client if client is not None else redis_client(settings),
@@ -63,6 +64,7 @@ def build_store(settings: Settings, client: aioredis.Redis | None = None) -> Red
         hold_ttl_ms=int(settings.hold_ttl_s * 1000),
         idempotency_ttl_ms=int(settings.idempotency_ttl_s * 1000),
         retention_ms=int(settings.hold_retention_s * 1000),
+        on_outage=metrics.redis_errors.inc if metrics is not None else None,
     )
 
 
@@ -74,6 +76,7 @@ class SpendgateServer:
         settings: Settings,
         core: SpendCore,
         admin: AdminCore,
+        metrics: Metrics,
         server: grpc.aio.Server,
         health: HealthServicer,
         port: int,
@@ -81,6 +84,7 @@ class SpendgateServer:
         self.settings = settings
         self.core = core
         self.admin = admin
+        self.metrics = metrics
         self.port = port
         self._server = server
         self._health = health
@@ -98,7 +102,13 @@ class SpendgateServer:
         self._tasks = [
             asyncio.create_task(self._sweep_forever(), name="sweeper"),
             asyncio.create_task(self._probe_forever(), name="health-probe"),
+            asyncio.create_task(
+                collect_forever(self.metrics, self.admin.store, self.core.get_budget, self.settings.metrics_interval_s),
+                name="metrics",
+            ),
         ]
+        if self.settings.metrics_port:
+            self.metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish within the grace period, then stop the tasks."""
@@ -143,7 +153,8 @@ async def create_server(
     settings: Settings, *, clock: Clock | None = None, client: aioredis.Redis | None = None
 ) -> SpendgateServer:
     """Build (not start) a server from settings; loads the settings' plan, if any."""
-    store = build_store(settings, client)
+    metrics = Metrics(nodes_max=settings.metrics_nodes_max)
+    store = build_store(settings, client, metrics)
     clock = clock or SystemClock()
     core = SpendCore(store, clock)
     admin = AdminCore(store, core, clock)
@@ -163,9 +174,10 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
+        interceptors=[MetricsInterceptor(metrics)],
     )
     # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
-    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core), server)  # type: ignore[no-untyped-call]
+    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core, metrics), server)  # type: ignore[no-untyped-call]
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, store), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -181,7 +193,7 @@ async def create_server(
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if settings.unix_socket:
         server.add_insecure_port(f"unix:{settings.unix_socket}")
-    return SpendgateServer(settings, core, admin, server, health, port)
+    return SpendgateServer(settings, core, admin, metrics, server, health, port)
 
 
 @contextlib.asynccontextmanager

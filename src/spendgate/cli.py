@@ -133,6 +133,18 @@ def cli(target: str, token: str | None, timeout: float) -> None:
     help="Seconds an uncaptured hold lives [SPENDGATE_HOLD_TTL_S, default 300].",
 )
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING [SPENDGATE_LOG_LEVEL].")
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON objects or as text [SPENDGATE_LOG_FORMAT, default json].",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve Prometheus /metrics on this port [SPENDGATE_METRICS_PORT, default off].",
+)
 def serve(
     plan: str | None,
     host: str | None,
@@ -141,6 +153,8 @@ def serve(
     redis_url: str | None,
     hold_ttl_s: float | None,
     log_level: str | None,
+    log_format: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run the server until SIGTERM or Ctrl-C (in-flight calls finish first)."""
     from spendgate.app import serve as run_server
@@ -154,10 +168,12 @@ def serve(
             redis_url=redis_url,
             hold_ttl_s=hold_ttl_s,
             log_level=log_level,
+            log_format=log_format,
+            metrics_port=metrics_port,
         )
     except SpendgateError as error:
         fail(str(error))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
 
@@ -168,6 +184,23 @@ def serve(
         asyncio.run(run_server(settings))
     except SpendgateError as error:
         fail(str(error))
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send logs to stderr as JSON objects (for pipelines) or text (for people)."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _print_decision(result: AuthorizeResult, amount_micros: int) -> None:

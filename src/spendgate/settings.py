@@ -33,6 +33,14 @@ class Settings:
     database_url: str = ""
     plan: str = ""
     log_level: str = "INFO"
+    # "json" (one object per line, for log pipelines) or "text" (for people at a terminal).
+    log_format: str = "json"
+    # Prometheus /metrics on this HTTP port; 0 turns the endpoint off (metrics are still kept).
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    # At most this many nodes get per-node spend and utilization series (the busiest first).
+    metrics_nodes_max: int = 1000
+    metrics_interval_s: float = 5.0
     message_size_max_bytes: int = 64 * 1024
     concurrent_rpcs_max: int = 10_000
 
@@ -46,8 +54,11 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgumentError(f"{name} must be positive")
-        if not 0 <= self.port <= 65535:
-            raise InvalidArgumentError(f"port {self.port} is not a TCP port")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise InvalidArgumentError(f"{name} {getattr(self, name)} is not a TCP port")
+        if self.log_format not in ("json", "text"):
+            raise InvalidArgumentError(f"log_format {self.log_format!r} must be json or text")
 
     @property
     def embedded(self) -> bool:

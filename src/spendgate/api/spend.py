@@ -11,6 +11,7 @@ from spendgate.api.codec import encode_authorize, encode_budget
 from spendgate.api.errors import grpc_errors
 from spendgate.core import SpendCore
 from spendgate.domain import AuthorizeCommand
+from spendgate.metrics import Metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -18,8 +19,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
     """The gRPC face of :class:`~spendgate.core.SpendCore`."""
 
-    def __init__(self, core: SpendCore) -> None:
+    def __init__(self, core: SpendCore, metrics: Metrics | None = None) -> None:
         self._core = core
+        self._metrics = metrics or Metrics()
 
     @grpc_errors
     async def Authorize(self, request: spend_pb2.AuthorizeRequest, context: Context) -> spend_pb2.AuthorizeResponse:
@@ -33,7 +35,9 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
             capture=request.capture,
             metadata=dict(request.metadata),
         )
-        return encode_authorize(await self._core.authorize(command))
+        result = await self._core.authorize(command)
+        self._metrics.record_decision(result)
+        return encode_authorize(result)
 
     @grpc_errors
     async def Capture(self, request: spend_pb2.CaptureRequest, context: Context) -> spend_pb2.CaptureResponse:

@@ -43,6 +43,15 @@ class AccountInfo:
     time_zone: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backlog:
+    """What an account has outstanding: open holds, and settled transactions not yet in the ledger."""
+
+    holds: int
+    outbox_entries: int
+    outbox_oldest_age_ms: int
+
+
 class StaleChainError(Exception):
     """The tree changed since the chain was resolved; resolve it again and retry."""
 
@@ -158,4 +167,8 @@ class AdminStore(SpendStore, Protocol):
 
     async def last_event_id(self, account_id: str) -> str:
         """Return the newest event id of an account."""
+        ...
+
+    async def backlog(self, account_id: str) -> Backlog:
+        """Return an account's open holds and ledger outbox backlog."""
         ...

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import importlib.resources
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from spendgate.domain import (
 )
 from spendgate.money import format_amount
 from spendgate.store.keys import Keys
-from spendgate.store.protocol import AccountInfo, Chain, StaleChainError
+from spendgate.store.protocol import AccountInfo, Backlog, Chain, StaleChainError
 from spendgate.windows import WindowIds
 
 _SCRIPTS = (
@@ -133,6 +134,7 @@ class RedisStore:
         expire_count_max: int = 10_000,
         alert_percents: tuple[int, ...] = (50, 80, 100),
         events_length_max: int = 10_000,
+        on_outage: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self.keys = keys or Keys()
@@ -146,6 +148,7 @@ class RedisStore:
         self._expire_count_max = expire_count_max
         self._alert_percents = ",".join(str(p) for p in alert_percents)
         self.events_length_max = events_length_max
+        self._on_outage = on_outage
         self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
 
     @property
@@ -158,6 +161,8 @@ class RedisStore:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 return await coroutine
         except _OUTAGES as error:
+            if self._on_outage is not None:
+                self._on_outage()
             raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
@@ -544,6 +549,18 @@ class RedisStore:
             for event_id, fields in entries:
                 events.append((accounts[str(stream)], str(event_id), {str(k): str(v) for k, v in fields.items()}))
         return events
+
+    async def backlog(self, account_id: str) -> Backlog:
+        """Return an account's open holds and ledger outbox backlog (the writer trims what it committed)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zcard(self.keys.holds(account_id))
+        pipe.xlen(self.keys.outbox(account_id))
+        pipe.xrange(self.keys.outbox(account_id), count=1)
+        holds, length, first = await self._call(pipe.execute())
+        oldest_ms = int(str(first[0][0]).split("-")[0]) if first else 0
+        # Stream ids carry Redis's wall clock, so the outbox's age is measured against the wall clock too.
+        age_ms = max(0, time.time_ns() // 1_000_000 - oldest_ms) if first else 0
+        return Backlog(holds=int(holds), outbox_entries=int(length), outbox_oldest_age_ms=age_ms)
 
     async def last_event_id(self, account_id: str) -> str:
         """Return the id of the newest event of an account ('0-0' when there is none)."""

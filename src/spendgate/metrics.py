@@ -1,0 +1,178 @@
+"""Prometheus metrics for one server.
+
+RPC latency, decisions by reason, spend and utilization per node, holds, outbox lag and Redis errors. Each
+server has its own registry, so several servers can live in one process (tests).
+
+Per-node series are bounded: at most ``nodes_max`` nodes are exported (the busiest by utilization first), so a
+fleet of 100,000 wallets does not become 100,000 x 4 series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from spendgate.domain import AuthorizeResult, SpendgateError
+from spendgate.store.protocol import AdminStore
+
+log = logging.getLogger("spendgate.metrics")
+
+# Latency buckets from 100 µs to 1 s: the hot path lives in the first few.
+_LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_WINDOW_NAMES = {1: "day", 2: "week", 3: "month", 4: "total"}
+
+
+class Metrics:
+    """The server's metrics and the registry they live in."""
+
+    def __init__(self, nodes_max: int = 1000) -> None:
+        self.registry = CollectorRegistry()
+        self.nodes_max = nodes_max
+        self.rpc_seconds = Histogram(
+            "spendgate_rpc_duration_seconds",
+            "Server-side RPC latency.",
+            ["method", "code"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "spendgate_decisions_total",
+            "Authorization decisions by outcome and reason.",
+            ["decision", "reason"],
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "spendgate_redis_errors_total", "Calls that found Redis unavailable.", registry=self.registry
+        )
+        self.holds = Gauge(
+            "spendgate_holds_outstanding", "Open holds per account.", ["account"], registry=self.registry
+        )
+        self.outbox_entries = Gauge(
+            "spendgate_outbox_lag_entries",
+            "Settled transactions not yet committed to the ledger, per account.",
+            ["account"],
+            registry=self.registry,
+        )
+        self.outbox_age = Gauge(
+            "spendgate_outbox_lag_oldest_seconds",
+            "Age of the oldest settled transaction not yet in the ledger, per account.",
+            ["account"],
+            registry=self.registry,
+        )
+        self.spent = Gauge(
+            "spendgate_node_spent_micros",
+            "Money spent in the open window, per node.",
+            ["node", "window"],
+            registry=self.registry,
+        )
+        self.held = Gauge(
+            "spendgate_node_held_micros",
+            "Money held in the open window, per node.",
+            ["node", "window"],
+            registry=self.registry,
+        )
+        self.utilization = Gauge(
+            "spendgate_node_utilization_ratio",
+            "(spent + held) / limit of the open window, per limited node window.",
+            ["node", "window"],
+            registry=self.registry,
+        )
+
+    def record_decision(self, result: AuthorizeResult) -> None:
+        """Count one decision."""
+        self.decisions.labels(result.decision.name.lower(), result.deny_reason.name.lower()).inc()
+
+    def serve_http(self, host: str, port: int) -> None:
+        """Expose /metrics on an HTTP port (in a thread of its own)."""
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Times every unary RPC by method and status code."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        """Wrap unary-unary handlers with a timer."""
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        # The grpc stubs type aio handlers as sync ones; in grpc.aio they are coroutine functions.
+        inner: Any = handler.unary_unary
+        histogram = self._metrics.rpc_seconds
+
+        async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                histogram.labels(method, code).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+async def collect_forever(
+    metrics: Metrics, store: AdminStore, budgets: Callable[[str], Awaitable[Any]], interval_s: float
+) -> None:
+    """Refresh the gauges that come from Redis: holds, outbox, and per-node spend (bounded)."""
+    while True:
+        with contextlib.suppress(SpendgateError):
+            await collect_once(metrics, store, budgets)
+        await asyncio.sleep(interval_s)
+
+
+async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[str], Awaitable[Any]]) -> None:
+    """One refresh of the Redis-backed gauges."""
+    rows: list[tuple[float, str, str, int, int, int | None]] = []
+    for account_id in await store.account_ids():
+        counts = await store.backlog(account_id)
+        metrics.holds.labels(account_id).set(counts.holds)
+        metrics.outbox_entries.labels(account_id).set(counts.outbox_entries)
+        metrics.outbox_age.labels(account_id).set(counts.outbox_oldest_age_ms / 1000)
+        plan = await store.read_plan(account_id)
+        for node in plan.nodes if plan else ():
+            if len(rows) >= metrics.nodes_max * 4:
+                break
+            budget = await budgets(node.node_id)
+            for window in budget.windows:
+                used = window.spent_micros + window.held_micros
+                ratio = used / window.limit_micros if window.limit_micros else 0.0
+                rows.append(
+                    (
+                        ratio,
+                        node.node_id,
+                        _WINDOW_NAMES[int(window.window)],
+                        window.spent_micros,
+                        window.held_micros,
+                        window.limit_micros,
+                    )
+                )
+    rows.sort(key=lambda row: -row[0])
+    kept = rows[: metrics.nodes_max * 4]
+    for gauge in (metrics.spent, metrics.held, metrics.utilization):
+        gauge.clear()
+    for ratio, node_id, window_name, spent, held, limit in kept:
+        metrics.spent.labels(node_id, window_name).set(spent)
+        metrics.held.labels(node_id, window_name).set(held)
+        if limit:
+            metrics.utilization.labels(node_id, window_name).set(ratio)
