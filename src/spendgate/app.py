@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -28,6 +30,7 @@ from spendgate.plan import load_plan
 from spendgate.settings import Settings
 from spendgate.store.keys import Keys
 from spendgate.store.redis_store import RedisStore
+from spendgate.webhooks import WebhookDeliverer, WebhookSettings
 
 log = logging.getLogger("spendgate")
 
@@ -65,6 +68,7 @@ def build_store(settings: Settings, client: aioredis.Redis | None = None, metric
         idempotency_ttl_ms=int(settings.idempotency_ttl_s * 1000),
         retention_ms=int(settings.hold_retention_s * 1000),
         on_outage=metrics.redis_errors.inc if metrics is not None else None,
+        alert_percents=settings.alert_percent_list,
     )
 
 
@@ -76,6 +80,7 @@ class SpendgateServer:
         settings: Settings,
         core: SpendCore,
         admin: AdminCore,
+        store: RedisStore,
         metrics: Metrics,
         server: grpc.aio.Server,
         health: HealthServicer,
@@ -84,6 +89,7 @@ class SpendgateServer:
         self.settings = settings
         self.core = core
         self.admin = admin
+        self.store = store
         self.metrics = metrics
         self.port = port
         self._server = server
@@ -103,10 +109,18 @@ class SpendgateServer:
             asyncio.create_task(self._sweep_forever(), name="sweeper"),
             asyncio.create_task(self._probe_forever(), name="health-probe"),
             asyncio.create_task(
-                collect_forever(self.metrics, self.admin.store, self.core.get_budget, self.settings.metrics_interval_s),
+                collect_forever(self.metrics, self.store, self.core.get_budget, self.settings.metrics_interval_s),
                 name="metrics",
             ),
         ]
+        if self.settings.webhook_url:
+            webhook_settings = WebhookSettings(
+                url=self.settings.webhook_url,
+                secret=self.settings.webhook_secret,
+                kinds=frozenset(kind.strip() for kind in self.settings.webhook_kinds.split(",") if kind.strip()),
+            )
+            deliverer = WebhookDeliverer(self.store, webhook_settings, f"{socket.gethostname()}-{os.getpid()}")
+            self._tasks.append(asyncio.create_task(deliverer.run_forever(), name="webhooks"))
         if self.settings.metrics_port:
             self.metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port)
 
@@ -193,7 +207,7 @@ async def create_server(
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if settings.unix_socket:
         server.add_insecure_port(f"unix:{settings.unix_socket}")
-    return SpendgateServer(settings, core, admin, metrics, server, health, port)
+    return SpendgateServer(settings, core, admin, store, metrics, server, health, port)
 
 
 @contextlib.asynccontextmanager

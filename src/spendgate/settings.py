@@ -41,6 +41,13 @@ class Settings:
     # At most this many nodes get per-node spend and utilization series (the busiest first).
     metrics_nodes_max: int = 1000
     metrics_interval_s: float = 5.0
+    # Alerts and freezes are posted here when set, signed with webhook_secret (HMAC-SHA256).
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    # Comma-separated event kinds to post: alert, freeze, unfreeze, decision, capture, void, config.
+    webhook_kinds: str = "alert,freeze,unfreeze"
+    # Utilization thresholds (percent of a window's limit) that raise an alert, once per window.
+    alert_percents: str = "50,80,100"
     message_size_max_bytes: int = 64 * 1024
     concurrent_rpcs_max: int = 10_000
 
@@ -57,8 +64,21 @@ class Settings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise InvalidArgumentError(f"{name} {getattr(self, name)} is not a TCP port")
+        if self.webhook_url and not self.webhook_secret:
+            raise InvalidArgumentError("webhook_url needs webhook_secret: deliveries are always signed")
+        try:
+            percents = [int(part) for part in self.alert_percents.split(",") if part.strip()]
+        except ValueError as error:
+            raise InvalidArgumentError(f"alert_percents {self.alert_percents!r} must be whole numbers") from error
+        if any(not 1 <= p <= 1000 for p in percents):
+            raise InvalidArgumentError("alert_percents must be from 1 to 1000")
         if self.log_format not in ("json", "text"):
             raise InvalidArgumentError(f"log_format {self.log_format!r} must be json or text")
+
+    @property
+    def alert_percent_list(self) -> tuple[int, ...]:
+        """The alert thresholds as numbers."""
+        return tuple(int(part) for part in self.alert_percents.split(",") if part.strip())
 
     @property
     def embedded(self) -> bool:
