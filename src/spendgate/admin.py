@@ -26,7 +26,7 @@ from spendgate.domain import (
     check_id,
 )
 from spendgate.money import format_amount
-from spendgate.store.protocol import AdminStore
+from spendgate.store.protocol import AdminStore, TokenRecord
 from spendgate.windows import windows_at
 
 EVENT_CONFIG = "7"
@@ -429,6 +429,23 @@ class AdminCore:
             at_ms=self._clock.now_ms(),
         )
         return was_frozen
+
+    async def audit_token(self, actor: str, action: str, record: TokenRecord) -> None:
+        """Record the issue or revocation of a token (its hash and secret stay out of the log)."""
+        described = {
+            "token_id": record.token_id,
+            "role": record.role,
+            "scope": record.scope_node_id,
+            "name": record.name,
+        }
+        await self._audit.record_audit(
+            actor=actor,
+            action=action,
+            node_id=record.scope_node_id,
+            before=described if action.endswith("revoke") else None,
+            after=None if action.endswith("revoke") else described,
+            at_ms=self._clock.now_ms(),
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Reports.

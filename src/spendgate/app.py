@@ -21,10 +21,11 @@ from redis.retry import Retry
 from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, spend_pb2_grpc
 from spendgate.admin import AdminCore
 from spendgate.api.admin import AdminServicer
+from spendgate.api.auth import Authenticator, issue_token, new_secret
 from spendgate.api.spend import SpendServicer
 from spendgate.clock import Clock, SystemClock
 from spendgate.core import SpendCore
-from spendgate.domain import SpendgateError
+from spendgate.domain import NodeKind, SpendgateError
 from spendgate.metrics import Metrics, MetricsInterceptor, collect_forever
 from spendgate.plan import load_plan
 from spendgate.settings import Settings
@@ -90,6 +91,8 @@ class SpendgateServer:
         self.core = core
         self.admin = admin
         self.store = store
+        # The root token in force (generated at start when the settings gave none); empty with auth off.
+        self.root_token = ""
         self.metrics = metrics
         self.port = port
         self._server = server
@@ -172,6 +175,8 @@ async def create_server(
     clock = clock or SystemClock()
     core = SpendCore(store, clock)
     admin = AdminCore(store, core, clock)
+    root_token = settings.admin_token or (new_secret() if settings.auth else "")
+    auth = Authenticator(store, enabled=settings.auth, root_token=root_token)
     if settings.plan:
         plan = load_plan(settings.plan)
         changes = await admin.apply_plan(plan, actor="spendgate serve --plan")
@@ -191,8 +196,8 @@ async def create_server(
         interceptors=[MetricsInterceptor(metrics)],
     )
     # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
-    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core, metrics), server)  # type: ignore[no-untyped-call]
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, store), server)  # type: ignore[no-untyped-call]
+    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core, auth, metrics), server)  # type: ignore[no-untyped-call]
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, store, auth, clock), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -207,7 +212,9 @@ async def create_server(
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if settings.unix_socket:
         server.add_insecure_port(f"unix:{settings.unix_socket}")
-    return SpendgateServer(settings, core, admin, store, metrics, server, health, port)
+    spendgate_server = SpendgateServer(settings, core, admin, store, metrics, server, health, port)
+    spendgate_server.root_token = root_token
+    return spendgate_server
 
 
 @contextlib.asynccontextmanager
@@ -223,10 +230,49 @@ async def running_server(
         await server.stop(grace_s=1.0)
 
 
+async def demo_tokens(server: SpendgateServer) -> list[tuple[str, str, str]]:
+    """Issue an operator token per account and an agent token per wallet: (role, scope, secret).
+
+    The embedded default keeps auth on; these let a newcomer use it at once. Its store lives in memory, so
+    the tokens die with the process.
+    """
+    issued: list[tuple[str, str, str]] = []
+    now_ms = server.core.clock.now_ms()
+    for account_id in await server.store.account_ids():
+        plan = await server.store.read_plan(account_id)
+        for node in plan.nodes if plan else ():
+            role = "admin" if node.kind is NodeKind.ACCOUNT else "agent" if node.kind is NodeKind.WALLET else ""
+            if role:
+                secret, _ = await issue_token(
+                    server.store,
+                    role=role,
+                    scope_node_id=node.node_id,
+                    account_id=account_id,
+                    name=f"demo {role}",
+                    now_ms=now_ms,
+                )
+                issued.append((role, node.node_id, secret))
+    return issued
+
+
+def print_tokens(server: SpendgateServer, issued: list[tuple[str, str, str]], settings: Settings) -> None:
+    """Show the tokens a person needs to start (to stdout; they are not logged)."""
+    lines = ["", "spendgate: auth is on; send 'authorization: Bearer <token>' (the CLI reads SPENDGATE_TOKEN)."]
+    if not settings.admin_token:
+        lines.append(f"  root token (generated at start): {server.root_token}")
+    for role, scope, secret in issued:
+        lines.append(f"  {role:<6} {scope:<20} {secret}")
+    lines.append("")
+    # Printed, not logged: the secrets are shown once to the person who started the server.
+    print("\n".join(lines), flush=True)
+
+
 async def serve(settings: Settings) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
     server = await create_server(settings)
     await server.start()
+    if settings.auth:
+        print_tokens(server, await demo_tokens(server) if settings.embedded else [], settings)
     mode = "embedded (in-process fakeredis)" if settings.embedded else f"redis {settings.redis_url}"
     log.info("spendgate listening on %s (%s)", server.address, mode)
     stop = asyncio.Event()

@@ -96,12 +96,18 @@ class SpendCore:
             self._chains[wallet_id] = chain
         return chain
 
-    async def authorize(self, command: AuthorizeCommand) -> AuthorizeResult:
-        """Validate, then decide in one script call; denials are results, bad input raises."""
-        result, _ = await self.authorize_with_replay(command)
+    async def authorize(self, command: AuthorizeCommand, *, token_mode: str = "") -> AuthorizeResult:
+        """Validate, then decide in one script call; denials are results, bad input raises.
+
+        ``token_mode`` is the caller's credential as :mod:`spendgate.api.auth` resolved it: ``""`` with auth
+        off, ``"*"`` for the root token, else the hash of the caller's token, which the script checks.
+        """
+        result, _ = await self.authorize_with_replay(command, token_mode=token_mode)
         return result
 
-    async def authorize_with_replay(self, command: AuthorizeCommand) -> tuple[AuthorizeResult, bool]:
+    async def authorize_with_replay(
+        self, command: AuthorizeCommand, *, token_mode: str = ""
+    ) -> tuple[AuthorizeResult, bool]:
         """Like :meth:`authorize`, also saying whether the answer was a replay of an earlier request."""
         check_id(command.wallet_id, "wallet_id")
         check_amount(command.amount_micros)
@@ -121,24 +127,27 @@ class SpendCore:
                     fingerprint=digest,
                     windows=windows_at(now_ms, chain.time_zone),
                     now_ms=now_ms,
+                    token_mode=token_mode,
                 )
             except StaleChainError:
                 self._chains.pop(command.wallet_id, None)
         raise UnavailableError(f"the tree of wallet {command.wallet_id!r} kept changing; retry")
 
-    async def capture(self, authorization_id: str, amount_micros: int, idempotency_key: str) -> CaptureResult:
+    async def capture(
+        self, authorization_id: str, amount_micros: int, idempotency_key: str, *, token_mode: str = ""
+    ) -> CaptureResult:
         """Settle a hold fully or partially."""
         account_id = parse_authorization_id(authorization_id)
         check_amount(amount_micros)
         check_idempotency_key(idempotency_key)
         return await self.store.capture(
-            account_id, authorization_id, amount_micros, idempotency_key, self.clock.now_ms()
+            account_id, authorization_id, amount_micros, idempotency_key, self.clock.now_ms(), token_mode
         )
 
-    async def void(self, authorization_id: str) -> VoidResult:
+    async def void(self, authorization_id: str, *, token_mode: str = "") -> VoidResult:
         """Release a hold."""
         account_id = parse_authorization_id(authorization_id)
-        return await self.store.void(account_id, authorization_id, self.clock.now_ms())
+        return await self.store.void(account_id, authorization_id, self.clock.now_ms(), token_mode)
 
     async def get_budget(self, node_id: str) -> NodeBudget:
         """Report a node's budget in the windows open now."""

@@ -93,6 +93,14 @@ class UnavailableError(SpendgateError):
     """A backing service (Redis, the ledger) is unreachable or too slow; safe to retry."""
 
 
+class UnauthenticatedError(SpendgateError):
+    """No token, or a token spendgate does not know (revoked or never issued)."""
+
+
+class PermissionDeniedError(SpendgateError):
+    """A valid token used outside its scope (another wallet, another account, a write with a read-only token)."""
+
+
 class ResourceExhaustedError(SpendgateError):
     """A bound was reached (holds per wallet, in-flight calls)."""
 

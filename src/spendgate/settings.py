@@ -32,6 +32,11 @@ class Settings:
     data_dir: str = ".spendgate"
     database_url: str = ""
     plan: str = ""
+    # Bearer tokens are required unless auth is turned off (never in production).
+    auth: bool = True
+    # The deployment's root token (may do anything). Without one, a server with auth on makes one at start
+    # and prints it; set it for replicas to share.
+    admin_token: str = ""
     log_level: str = "INFO"
     # "json" (one object per line, for log pipelines) or "text" (for people at a terminal).
     log_format: str = "json"
@@ -89,6 +94,12 @@ class Settings:
 def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
     kind = field.type
     try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
         if kind == "int":
             return int(raw)
         if kind == "float":

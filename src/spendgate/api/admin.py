@@ -12,20 +12,25 @@ import yaml
 
 from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2
 from spendgate.admin import AdminCore, PlanChange, describe_node, subtree
+from spendgate.api.auth import Authenticator, Principal, issue_token
 from spendgate.api.codec import encode_budget
 from spendgate.api.errors import grpc_errors, status_of
+from spendgate.clock import Clock
 from spendgate.domain import (
     ALLOWED_SERVICES_MAX,
     InvalidArgumentError,
     Limits,
     NodeKind,
+    NotFoundError,
+    PermissionDeniedError,
     SpendgateError,
     check_id,
     check_service,
 )
 from spendgate.money import MONEY_MICROS_MAX
 from spendgate.plan import VELOCITY_MAX, PlanError, parse_plan
-from spendgate.store.protocol import AdminStore
+from spendgate.store.protocol import TokenRecord
+from spendgate.store.redis_store import RedisStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -71,21 +76,47 @@ def encode_change(change: PlanChange, currency: str) -> admin_pb2.PlanChange:
     )
 
 
-def actor_of(context: Context) -> str:
-    """Who makes a change: the caller's identity as the auth layer recorded it, else its peer address."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-spendgate-actor":
-            return str(value)
-    return f"peer:{context.peer()}"
+def encode_token(record: TokenRecord) -> admin_pb2.Token:
+    """Encode a token's description (never its secret)."""
+    return admin_pb2.Token(
+        token_id=record.token_id,
+        role=f"TOKEN_ROLE_{record.role.upper()}",
+        scope_node_id=record.scope_node_id,
+        account_id=record.account_id,
+        name=record.name,
+        created_at_ms=record.created_at_ms,
+    )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """The gRPC face of :class:`~spendgate.admin.AdminCore`."""
 
-    def __init__(self, admin: AdminCore, store: AdminStore) -> None:
+    def __init__(self, admin: AdminCore, store: RedisStore, auth: Authenticator, clock: Clock) -> None:
         self._admin = admin
         self._store = store
+        self._auth = auth
+        self._clock = clock
         self._watchers = 0
+
+    async def _require_node(self, context: Context, node_id: str, *, write: bool) -> Principal:
+        """The caller, if they may read (or change) ``node_id``'s account."""
+        check_id(node_id, "node_id")
+        if not self._auth.enabled:
+            return await self._auth.principal(context)
+        account_id = await self._store.account_of(node_id)
+        return await self._auth.require(context, account_id=account_id, write=write, node_id=node_id)
+
+    async def _default_scope(self, context: Context, node_id: str) -> str:
+        """The node a read covers: the one asked for, else everything (root) or the caller's account."""
+        if node_id:
+            await self._require_node(context, node_id, write=False)
+            return node_id
+        caller = await self._auth.principal(context)
+        if caller.root:
+            return ""
+        if caller.role == "agent":
+            raise PermissionDeniedError("agent tokens may only read their own wallet's budget")
+        return caller.account_id
 
     async def ApplyPlan(
         self, request: admin_pb2.ApplyPlanRequest, context: Context
@@ -99,6 +130,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             except yaml.YAMLError as error:
                 raise PlanError(f"the plan is not valid YAML: {error}") from error
             plan = parse_plan(document)
+            try:
+                await self._store.account_info(plan.account_id)
+                exists = True
+            except NotFoundError:
+                exists = False
+            caller = await self._auth.require(context, account_id=plan.account_id if exists else None, write=True)
             progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue(maxsize=1024)
 
             def report(done: int, total: int) -> None:
@@ -108,7 +145,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
             work = asyncio.create_task(
                 self._admin.apply_plan(
-                    plan, dry_run=request.dry_run, force=request.force, actor=actor_of(context), progress=report
+                    plan, dry_run=request.dry_run, force=request.force, actor=caller.actor, progress=report
                 )
             )
             try:
@@ -137,9 +174,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @grpc_errors
     async def GetTree(self, request: admin_pb2.GetTreeRequest, context: Context) -> admin_pb2.GetTreeResponse:
         """Report a subtree with budgets."""
-        if request.node_id:
-            check_id(request.node_id, "node_id")
-        entries = await self._admin.tree(request.node_id)
+        entries = await self._admin.tree(await self._default_scope(context, request.node_id))
         return admin_pb2.GetTreeResponse(
             nodes=[
                 admin_pb2.TreeNode(depth=entry.depth, budget=encode_budget(entry.budget), shadow=entry.shadow)
@@ -150,8 +185,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @grpc_errors
     async def SetLimits(self, request: admin_pb2.SetLimitsRequest, context: Context) -> admin_pb2.SetLimitsResponse:
         """Replace a node's limits."""
+        caller = await self._require_node(context, request.node_id, write=True)
         budget = await self._admin.set_limits(
-            request.node_id, decode_limits(request.limits), shadow=request.shadow, actor=actor_of(context)
+            request.node_id, decode_limits(request.limits), shadow=request.shadow, actor=caller.actor
         )
         return admin_pb2.SetLimitsResponse(budget=encode_budget(budget))
 
@@ -161,35 +197,38 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         kinds = {spend_pb2.NODE_KIND_POOL: NodeKind.POOL, spend_pb2.NODE_KIND_WALLET: NodeKind.WALLET}
         if request.kind not in kinds:
             raise InvalidArgumentError("kind must be NODE_KIND_POOL or NODE_KIND_WALLET")
-        check_id(request.parent_id, "parent_id")
+        caller = await self._require_node(context, request.parent_id, write=True)
         budget = await self._admin.create_node(
             request.node_id,
             request.parent_id,
             kinds[request.kind],
             decode_limits(request.limits),
-            actor=actor_of(context),
+            actor=caller.actor,
         )
         return admin_pb2.CreateNodeResponse(budget=encode_budget(budget))
 
     @grpc_errors
     async def MoveNode(self, request: admin_pb2.MoveNodeRequest, context: Context) -> admin_pb2.MoveNodeResponse:
         """Give a node another parent."""
+        caller = await self._require_node(context, request.node_id, write=True)
         budget = await self._admin.move_node(
-            request.node_id, request.new_parent_id, force=request.force, actor=actor_of(context)
+            request.node_id, request.new_parent_id, force=request.force, actor=caller.actor
         )
         return admin_pb2.MoveNodeResponse(budget=encode_budget(budget))
 
     @grpc_errors
     async def DeleteNode(self, request: admin_pb2.DeleteNodeRequest, context: Context) -> admin_pb2.DeleteNodeResponse:
         """Remove a node and its subtree."""
-        removed = await self._admin.delete_node(request.node_id, force=request.force, actor=actor_of(context))
+        caller = await self._require_node(context, request.node_id, write=True)
+        removed = await self._admin.delete_node(request.node_id, force=request.force, actor=caller.actor)
         return admin_pb2.DeleteNodeResponse(removed_node_ids=removed)
 
     @grpc_errors
     async def FreezeNode(self, request: admin_pb2.FreezeNodeRequest, context: Context) -> admin_pb2.FreezeNodeResponse:
         """Freeze a node."""
+        caller = await self._require_node(context, request.node_id, write=True)
         voided, released = await self._admin.freeze(
-            request.node_id, request.reason, void_holds=request.void_holds, actor=actor_of(context)
+            request.node_id, request.reason, void_holds=request.void_holds, actor=caller.actor
         )
         return admin_pb2.FreezeNodeResponse(voided_holds=voided, released_micros=released)
 
@@ -198,8 +237,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.UnfreezeNodeRequest, context: Context
     ) -> admin_pb2.UnfreezeNodeResponse:
         """Unfreeze a node."""
+        caller = await self._require_node(context, request.node_id, write=True)
         return admin_pb2.UnfreezeNodeResponse(
-            was_frozen=await self._admin.unfreeze(request.node_id, actor=actor_of(context))
+            was_frozen=await self._admin.unfreeze(request.node_id, actor=caller.actor)
         )
 
     async def WatchEvents(
@@ -210,7 +250,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {WATCHERS_MAX} watchers at once")
         self._watchers += 1
         try:
-            async for event in self._watch(request):
+            scope = await self._default_scope(context, request.node_id)
+            async for event in self._watch(scope, request):
                 yield event
         except SpendgateError as error:
             await context.abort(status_of(error), str(error))
@@ -227,15 +268,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         ids = {n.node_id for n in subtree(plan, node_id)} if plan else {node_id}
         return [account_id], ids
 
-    async def _watch(self, request: admin_pb2.WatchEventsRequest) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
+    async def _watch(
+        self, scope: str, request: admin_pb2.WatchEventsRequest
+    ) -> AsyncIterator[admin_pb2.WatchEventsResponse]:
         kinds = {int(kind) for kind in request.kinds if kind}
-        accounts, ids = await self._scope(request.node_id)
+        accounts, ids = await self._scope(scope)
         last = {account: await self._store.last_event_id(account) for account in accounts}
         loop = asyncio.get_running_loop()
         refreshed = loop.time()
         while True:
             if loop.time() - refreshed > WATCH_REFRESH_S:
-                accounts, ids = await self._scope(request.node_id)
+                accounts, ids = await self._scope(scope)
                 for account in accounts:
                     if account not in last:
                         last[account] = await self._store.last_event_id(account)
@@ -265,3 +308,74 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 )
             if not events:
                 await asyncio.sleep(WATCH_POLL_S)
+
+    # ------------------------------------------------------------------------------------------------
+    # Tokens.
+
+    @grpc_errors
+    async def CreateToken(
+        self, request: admin_pb2.CreateTokenRequest, context: Context
+    ) -> admin_pb2.CreateTokenResponse:
+        """Issue a token; the secret is in the answer and nowhere else."""
+        roles = {
+            admin_pb2.TOKEN_ROLE_AGENT: "agent",
+            admin_pb2.TOKEN_ROLE_READER: "reader",
+            admin_pb2.TOKEN_ROLE_ADMIN: "admin",
+        }
+        role = roles.get(request.role)
+        if role is None:
+            raise InvalidArgumentError("role must be TOKEN_ROLE_AGENT, TOKEN_ROLE_READER or TOKEN_ROLE_ADMIN")
+        if not 1 <= len(request.name) <= 64 or not request.name.isprintable():
+            raise InvalidArgumentError("name must be 1 to 64 printable characters")
+        caller = await self._require_node(context, request.scope_node_id, write=True)
+        account_id = await self._store.account_of(request.scope_node_id)
+        kind = await self._spend_budget_kind(request.scope_node_id)
+        if role == "agent" and kind is not NodeKind.WALLET:
+            raise InvalidArgumentError(
+                f"an agent token is scoped to a wallet; {request.scope_node_id} is a {kind.name.lower()}"
+            )
+        if role != "agent" and request.scope_node_id != account_id:
+            raise InvalidArgumentError(f"{role} tokens are scoped to an account: use {account_id!r}")
+        secret, record = await issue_token(
+            self._store,
+            role=role,
+            scope_node_id=request.scope_node_id,
+            account_id=account_id,
+            name=request.name,
+            now_ms=self._clock.now_ms(),
+        )
+        await self._admin.audit_token(caller.actor, "token.create", record)
+        return admin_pb2.CreateTokenResponse(secret=secret, token=encode_token(record))
+
+    @grpc_errors
+    async def ListTokens(self, request: admin_pb2.ListTokensRequest, context: Context) -> admin_pb2.ListTokensResponse:
+        """List tokens without secrets: every token for the root, one account's for its admins."""
+        caller = await self._auth.principal(context)
+        account_id = request.account_id or ("" if caller.root else caller.account_id)
+        if account_id:
+            check_id(account_id, "account_id")
+        await self._auth.require(context, account_id=account_id or None, write=True)
+        records = [r for r in await self._store.list_tokens() if not account_id or r.account_id == account_id]
+        records.sort(key=lambda r: (r.account_id, r.token_id))
+        return admin_pb2.ListTokensResponse(tokens=[encode_token(r) for r in records])
+
+    @grpc_errors
+    async def RevokeToken(
+        self, request: admin_pb2.RevokeTokenRequest, context: Context
+    ) -> admin_pb2.RevokeTokenResponse:
+        """Revoke a token by its public id."""
+        matches = [r for r in await self._store.list_tokens() if r.token_id == request.token_id]
+        if not request.token_id or not matches:
+            raise NotFoundError(f"no token {request.token_id!r}: see spendgate token list")
+        record = matches[0]
+        caller = await self._auth.require(context, account_id=record.account_id, write=True)
+        await self._store.revoke_token(record)
+        await self._admin.audit_token(caller.actor, "token.revoke", record)
+        return admin_pb2.RevokeTokenResponse(token=encode_token(record))
+
+    async def _spend_budget_kind(self, node_id: str) -> NodeKind:
+        plan = await self._store.read_plan(await self._store.account_of(node_id))
+        for node in plan.nodes if plan else ():
+            if node.node_id == node_id:
+                return node.kind
+        raise NotFoundError(f"no node {node_id!r}")

@@ -30,6 +30,14 @@ class Keys:
         """Maps a node id (unique across the deployment) to its account id."""
         return f"{self.prefix}:node:{node_id}"
 
+    def token_index(self, token_hash: str) -> str:
+        """A token's deployment-wide record (role, scope, account), found by the hash of the secret."""
+        return f"{self.prefix}:tok:{token_hash}"
+
+    def tokens(self) -> str:
+        """The set of every token hash."""
+        return f"{self.prefix}:tokens"
+
     # Keys of one account, all in its hash slot.
 
     def account_tag(self, account_id: str) -> str:
@@ -59,6 +67,10 @@ class Keys:
     def nodes(self, account_id: str) -> str:
         """The set of an account's node ids."""
         return f"{self.account_tag(account_id)}:nodes"
+
+    def token(self, account_id: str, token_hash: str) -> str:
+        """A token's copy in its account's slot, which the scripts check in the same step as a decision."""
+        return f"{self.account_tag(account_id)}:tok:{token_hash}"
 
     def outbox(self, account_id: str) -> str:
         """The account's ledger outbox stream of settled transactions."""

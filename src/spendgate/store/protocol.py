@@ -52,6 +52,22 @@ class Backlog:
     outbox_oldest_age_ms: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A token as stored: never the secret, only its SHA-256 hash.
+
+    Roles: ``agent`` (one wallet), ``reader`` and ``admin`` (one account).
+    """
+
+    token_hash: str
+    token_id: str
+    role: str
+    scope_node_id: str
+    account_id: str
+    name: str
+    created_at_ms: int
+
+
 class StaleChainError(Exception):
     """The tree changed since the chain was resolved; resolve it again and retry."""
 
@@ -83,6 +99,7 @@ class SpendStore(Protocol):
         fingerprint: str,
         windows: WindowIds,
         now_ms: int,
+        token_mode: str = "",
     ) -> tuple[AuthorizeResult, bool]:
         """Decide and apply one authorization; return the result and whether it was a replay.
 
@@ -92,12 +109,18 @@ class SpendStore(Protocol):
         ...
 
     async def capture(
-        self, account_id: str, authorization_id: str, amount_micros: int, idempotency_key: str, now_ms: int
+        self,
+        account_id: str,
+        authorization_id: str,
+        amount_micros: int,
+        idempotency_key: str,
+        now_ms: int,
+        token_mode: str = "",
     ) -> CaptureResult:
         """Settle a hold fully or partially."""
         ...
 
-    async def void(self, account_id: str, authorization_id: str, now_ms: int) -> VoidResult:
+    async def void(self, account_id: str, authorization_id: str, now_ms: int, token_mode: str = "") -> VoidResult:
         """Release a hold."""
         ...
 

@@ -36,7 +36,9 @@ from spendgate.domain import (
     NodeSpec,
     NodeWindow,
     NotFoundError,
+    PermissionDeniedError,
     RemainingBudget,
+    UnauthenticatedError,
     UnavailableError,
     VoidResult,
     Window,
@@ -44,7 +46,7 @@ from spendgate.domain import (
 )
 from spendgate.money import format_amount
 from spendgate.store.keys import Keys
-from spendgate.store.protocol import AccountInfo, Backlog, Chain, StaleChainError
+from spendgate.store.protocol import AccountInfo, Backlog, Chain, StaleChainError, TokenRecord
 from spendgate.windows import WindowIds
 
 _SCRIPTS = (
@@ -233,8 +235,9 @@ class RedisStore:
         fingerprint: str,
         windows: WindowIds,
         now_ms: int,
+        token_mode: str = "",
     ) -> tuple[AuthorizeResult, bool]:
-        """Decide and apply one authorization in one script call."""
+        """Decide and apply one authorization in one script call (the caller's token checked first)."""
         account = chain.account_id
         keys = [
             self.keys.holds(account),
@@ -242,6 +245,7 @@ class RedisStore:
             self.keys.idempotency(account, chain.wallet_id, command.idempotency_key),
             self.keys.hold(account, authorization_id),
             self.keys.events(account),
+            self._token_key(account, token_mode),
             *(self.keys.node(account, node_id) for node_id in chain.node_ids),
         ]
         args: list[str | int] = [
@@ -265,11 +269,13 @@ class RedisStore:
             self._expire_count_max,
             self._alert_percents,
             self.events_length_max,
+            token_mode,
             *chain.node_ids,
         ]
         reply = await self._run("authorize", keys, args)
         if reply[0] == "ERR":
             code, detail = reply[1], reply[2]
+            await self._raise_token_error(str(code), str(detail), token_mode)
             if code == "STALE_CHAIN":
                 raise StaleChainError(detail)
             if code == "IDEMPOTENCY_CONFLICT":
@@ -309,7 +315,13 @@ class RedisStore:
         return dataclasses.replace(result, message=message), reply[18] == "1"
 
     async def capture(
-        self, account_id: str, authorization_id: str, amount_micros: int, idempotency_key: str, now_ms: int
+        self,
+        account_id: str,
+        authorization_id: str,
+        amount_micros: int,
+        idempotency_key: str,
+        now_ms: int,
+        token_mode: str = "",
     ) -> CaptureResult:
         """Settle a hold fully or partially; the rest is released."""
         keys = [
@@ -317,6 +329,7 @@ class RedisStore:
             self.keys.outbox(account_id),
             self.keys.hold(account_id, authorization_id),
             self.keys.events(account_id),
+            self._token_key(account_id, token_mode),
         ]
         args: list[str | int] = [
             now_ms,
@@ -325,21 +338,99 @@ class RedisStore:
             self._retention_ms,
             authorization_id,
             self.events_length_max,
+            token_mode,
         ]
         reply = await self._run("capture", keys, args)
         if reply[0] == "ERR":
+            await self._raise_token_error(str(reply[1]), str(reply[2]), token_mode)
             raise _hold_error("capture", authorization_id, str(reply[1]), str(reply[2]), amount_micros)
         return CaptureResult(
             authorization_id=authorization_id, captured_micros=int(reply[1]), released_micros=int(reply[2])
         )
 
-    async def void(self, account_id: str, authorization_id: str, now_ms: int) -> VoidResult:
+    async def void(self, account_id: str, authorization_id: str, now_ms: int, token_mode: str = "") -> VoidResult:
         """Release a hold."""
-        keys = [self.keys.holds(account_id), self.keys.hold(account_id, authorization_id), self.keys.events(account_id)]
-        reply = await self._run("void", keys, [now_ms, self._retention_ms, authorization_id, self.events_length_max])
+        keys = [
+            self.keys.holds(account_id),
+            self.keys.hold(account_id, authorization_id),
+            self.keys.events(account_id),
+            self._token_key(account_id, token_mode),
+        ]
+        args: list[str | int] = [now_ms, self._retention_ms, authorization_id, self.events_length_max, token_mode]
+        reply = await self._run("void", keys, args)
         if reply[0] == "ERR":
+            await self._raise_token_error(str(reply[1]), str(reply[2]), token_mode)
             raise _hold_error("void", authorization_id, str(reply[1]), str(reply[2]), 0)
         return VoidResult(authorization_id=authorization_id, released_micros=int(reply[1]))
+
+    def _token_key(self, account_id: str, token_mode: str) -> str:
+        # With auth off or the root token there is nothing to look up; the key is a placeholder in the slot.
+        return self.keys.token(account_id, token_mode if token_mode not in ("", "*") else "-")
+
+    async def _raise_token_error(self, code: str, detail: str, token_mode: str) -> None:
+        if code == "PERMISSION_DENIED":
+            raise PermissionDeniedError(f"permission denied: {detail}")
+        if code == "UNAUTHENTICATED":
+            # The token is not in this account's slot: it is unknown or revoked, or it belongs elsewhere.
+            if await self.lookup_token(token_mode) is not None:
+                raise PermissionDeniedError("permission denied: this token belongs to another account")
+            raise UnauthenticatedError("unknown or revoked token: send 'authorization: Bearer <token>'")
+
+    # ------------------------------------------------------------------------------------------------
+    # Tokens. Only SHA-256 hashes of the secrets are stored; each token has a deployment-wide record (to find
+    # its role and scope) and a copy in its account's slot (which the scripts check atomically).
+
+    async def create_token(self, record: TokenRecord) -> None:
+        """Store a token's record under its hash."""
+        fields: dict[Any, Any] = {
+            "id": record.token_id,
+            "role": record.role,
+            "scope": record.scope_node_id,
+            "account": record.account_id,
+            "name": record.name,
+            "created": str(record.created_at_ms),
+        }
+        scoped: dict[Any, Any] = {"role": record.role, "scope": record.scope_node_id}
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hset(self.keys.token_index(record.token_hash), mapping=fields)
+        pipe.hset(
+            self.keys.token(record.account_id, record.token_hash),
+            mapping=scoped,
+        )
+        pipe.sadd(self.keys.tokens(), record.token_hash)
+        await self._call(pipe.execute())
+
+    async def lookup_token(self, token_hash: str) -> TokenRecord | None:
+        """Return a token's record, or ``None`` for an unknown or revoked token."""
+        if token_hash in ("", "*"):
+            return None
+        values = await self._call(self._client.hgetall(self.keys.token_index(token_hash)))
+        if not values:
+            return None
+        return TokenRecord(
+            token_hash=token_hash,
+            token_id=values["id"],
+            role=values["role"],
+            scope_node_id=values["scope"],
+            account_id=values["account"],
+            name=values["name"],
+            created_at_ms=int(values["created"]),
+        )
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        """Every token's record (without secrets)."""
+        hashes = sorted(str(h) for h in await self._call(self._client.smembers(self.keys.tokens())))
+        records = [await self.lookup_token(token_hash) for token_hash in hashes]
+        return [record for record in records if record is not None]
+
+    async def revoke_token(self, record: TokenRecord) -> None:
+        """Delete a token everywhere; the next call with it fails on every replica."""
+        # The account copy goes first: it is the one the hot path checks.
+        await self._call(self._client.delete(self.keys.token(record.account_id, record.token_hash)))
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(self.keys.token_index(record.token_hash))
+        pipe.srem(self.keys.tokens(), record.token_hash)
+        await self._call(pipe.execute())
 
     async def expire_holds(self, account_id: str, now_ms: int) -> int:
         """Release one batch of an account's expired holds."""

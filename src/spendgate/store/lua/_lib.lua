@@ -234,3 +234,25 @@ local function carried_money(node_key, account_key, day, week, month)
   end
   return num(v[7]), spent
 end
+
+-- Check the caller's token inside the same atomic step as the decision, so a revoked token fails on the very
+-- next call on every replica and no state is touched before the check. mode: '' (auth off), '*' (the
+-- deployment's root token, checked by the server), or a token hash, whose account-tagged record is token_key.
+-- An agent token may act only on its own wallet; a reader token may not spend. Returns nil when allowed,
+-- else an error reply.
+local function check_token(mode, token_key, wallet_id)
+  if mode == '' or mode == '*' then
+    return nil
+  end
+  local t = redis.call('HMGET', token_key, 'role', 'scope')
+  if not t[1] then
+    return {'ERR', 'UNAUTHENTICATED', ''}
+  end
+  if t[1] == 'agent' and t[2] ~= wallet_id then
+    return {'ERR', 'PERMISSION_DENIED', 'this agent token is for wallet ' .. tostring(t[2])}
+  end
+  if t[1] == 'reader' then
+    return {'ERR', 'PERMISSION_DENIED', 'a read-only token cannot spend'}
+  end
+  return nil
+end

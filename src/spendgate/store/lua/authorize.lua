@@ -5,7 +5,8 @@
 -- KEYS[3]    the idempotency record of this (wallet, idempotency key)
 -- KEYS[4]    the hold to create
 -- KEYS[5]    the account's event stream (the live feed; capped)
--- KEYS[6..]  the chain's node hashes: the wallet first, the account last
+-- KEYS[6]    the caller's token record in this account (see check_token)
+-- KEYS[7..]  the chain's node hashes: the wallet first, the account last
 -- ARGV[1]    now_ms              the caller's clock, milliseconds since the Unix epoch
 -- ARGV[2]    topo                the account's tree version the caller resolved the chain at
 -- ARGV[3]    amount_micros       positive integer string, at most 1e15
@@ -23,13 +24,14 @@
 -- ARGV[18]   expire_count_max    how many expired holds to release before deciding
 -- ARGV[19]   alert_percents      comma-separated utilization thresholds that raise an alert, e.g. 50,80,100
 -- ARGV[20]   events_length_max   the event stream's approximate cap
--- ARGV[21..] the chain's node ids, in the order of KEYS[6..]
+-- ARGV[21]   token_mode          '' (auth off), '*' (root token) or the caller's token hash
+-- ARGV[22..] the chain's node ids, in the order of KEYS[7..]
 --
 -- Returns {'OK', decision, authorization_id, reason, denied_node, denied_window, tight_node, tight_window,
 --          tight_limit, tight_remaining, hold_expires_at_ms, hold_state, captured_micros, denied_limit,
 --          denied_used, would_reason, would_node, would_window, replayed}
---      or {'ERR', code, detail} with code STALE_CHAIN, IDEMPOTENCY_CONFLICT or CURRENCY_MISMATCH; an error
---         changes nothing.
+--      or {'ERR', code, detail} with code UNAUTHENTICATED, PERMISSION_DENIED, STALE_CHAIN,
+--         IDEMPOTENCY_CONFLICT or CURRENCY_MISMATCH; an error changes nothing.
 -- decision: 1 approved, 2 denied. reason: 0 none, 1 frozen, 2 service not allowed, 3 per-transaction,
 -- 4 velocity, 5 window (the precedence: a lower reason anywhere on the chain wins; within a reason the node
 -- nearest the wallet, then day, week, month, total). Windows: 1 day, 2 week, 3 month, 4 total, 5 minute.
@@ -46,10 +48,16 @@ local now_ms = ARGV[1]
 local amount_str = ARGV[3]
 local amount = tonumber(amount_str)
 local capture = ARGV[6] == '1'
-local FIXED = 5
+local FIXED = 6
 local chain_length = #KEYS - FIXED
-local ID0 = 20
+local ID0 = 21
 local account_key = KEYS[#KEYS]
+
+-- 0. The caller may act on this wallet.
+local refused = check_token(ARGV[21], KEYS[6], ARGV[ID0 + 1])
+if refused then
+  return refused
+end
 
 -- 1. The chain the caller resolved must still be the account's tree.
 local account = redis.call('HMGET', account_key, 'topo', 'cur')

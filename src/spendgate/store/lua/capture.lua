@@ -4,15 +4,18 @@
 -- KEYS[2]  the account's ledger outbox stream
 -- KEYS[3]  the hold
 -- KEYS[4]  the account's event stream
+-- KEYS[5]  the caller's token record in this account (see check_token)
 -- ARGV[1]  now_ms            the caller's clock, milliseconds since the Unix epoch
 -- ARGV[2]  amount_micros     positive integer string, at most 1e15
 -- ARGV[3]  idempotency_key   the client's key for this capture
 -- ARGV[4]  retention_ms      how long the resolved hold record is kept
 -- ARGV[5]  authorization_id  the hold's id, written to the ledger as the transaction id
 -- ARGV[6]  events_length_max the event stream's approximate cap
+-- ARGV[7]  token_mode        '' (auth off), '*' (root token) or the caller's token hash
 --
 -- Returns {'OK', captured_micros, released_micros, replayed}
---      or {'ERR', code, detail} with code NOT_FOUND, ALREADY_CAPTURED, VOIDED, EXPIRED or ABOVE_HOLD
+--      or {'ERR', code, detail} with code UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_CAPTURED,
+--         VOIDED, EXPIRED or ABOVE_HOLD
 --         (detail: the held amount); an error changes nothing, except that a hold found expired is
 --         released exactly as the sweeper would have released it.
 --
@@ -22,8 +25,17 @@
 
 local hold_key = KEYS[3]
 local h = redis.call('HMGET', hold_key, 'st', 'amt', 'exp', 'cap', 'ck', 'keys', 'win', 'ids', 'wal')
+-- The caller's token is checked before anything else; a valid token that may not act on this hold learns
+-- nothing more than that.
+local refused = check_token(ARGV[7], KEYS[5], h[9] or '')
+if refused and refused[2] == 'UNAUTHENTICATED' then
+  return refused
+end
 if not h[1] then
   return {'ERR', 'NOT_FOUND', ''}
+end
+if refused then
+  return refused
 end
 local state = tonumber(h[1])
 if state == CAPTURED then

@@ -9,6 +9,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TokenRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_ROLE_UNSPECIFIED: _ClassVar[TokenRole]
+    TOKEN_ROLE_AGENT: _ClassVar[TokenRole]
+    TOKEN_ROLE_READER: _ClassVar[TokenRole]
+    TOKEN_ROLE_ADMIN: _ClassVar[TokenRole]
+
 class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CHANGE_KIND_UNSPECIFIED: _ClassVar[ChangeKind]
@@ -27,6 +34,10 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_FREEZE: _ClassVar[EventKind]
     EVENT_KIND_UNFREEZE: _ClassVar[EventKind]
     EVENT_KIND_CONFIG: _ClassVar[EventKind]
+TOKEN_ROLE_UNSPECIFIED: TokenRole
+TOKEN_ROLE_AGENT: TokenRole
+TOKEN_ROLE_READER: TokenRole
+TOKEN_ROLE_ADMIN: TokenRole
 CHANGE_KIND_UNSPECIFIED: ChangeKind
 CHANGE_KIND_ADDED: ChangeKind
 CHANGE_KIND_CHANGED: ChangeKind
@@ -40,6 +51,64 @@ EVENT_KIND_ALERT: EventKind
 EVENT_KIND_FREEZE: EventKind
 EVENT_KIND_UNFREEZE: EventKind
 EVENT_KIND_CONFIG: EventKind
+
+class Token(_message.Message):
+    __slots__ = ("token_id", "role", "scope_node_id", "account_id", "name", "created_at_ms")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    role: TokenRole
+    scope_node_id: str
+    account_id: str
+    name: str
+    created_at_ms: int
+    def __init__(self, token_id: _Optional[str] = ..., role: _Optional[_Union[TokenRole, str]] = ..., scope_node_id: _Optional[str] = ..., account_id: _Optional[str] = ..., name: _Optional[str] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("role", "scope_node_id", "name")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    role: TokenRole
+    scope_node_id: str
+    name: str
+    def __init__(self, role: _Optional[_Union[TokenRole, str]] = ..., scope_node_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("secret", "token")
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    secret: str
+    token: Token
+    def __init__(self, secret: _Optional[str] = ..., token: _Optional[_Union[Token, _Mapping]] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("account_id",)
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    def __init__(self, account_id: _Optional[str] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[Token]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    def __init__(self, token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: Token
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ...) -> None: ...
 
 class NodeLimits(_message.Message):
     __slots__ = ("per_transaction_micros", "day_micros", "week_micros", "month_micros", "total_micros", "velocity_per_minute", "allowed_services")

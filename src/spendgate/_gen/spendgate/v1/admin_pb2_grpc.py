@@ -82,6 +82,21 @@ class AdminServiceStub:
                 request_serializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/spendgate.v1.AdminService/CreateToken',
+                request_serializer=spendgate_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/spendgate.v1.AdminService/ListTokens',
+                request_serializer=spendgate_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/spendgate.v1.AdminService/RevokeToken',
+                request_serializer=spendgate_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -153,6 +168,27 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """CreateToken issues a token; its secret is returned once and stored only as a hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """ListTokens lists the tokens the caller may see, without their secrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """RevokeToken deletes a token; the next call with it fails on every replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +236,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=spendgate_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_admin__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=spendgate_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=spendgate_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_admin__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +498,87 @@ class AdminService:
             '/spendgate.v1.AdminService/WatchEvents',
             spendgate_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
             spendgate_dot_v1_dot_admin__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.AdminService/CreateToken',
+            spendgate_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+            spendgate_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.AdminService/ListTokens',
+            spendgate_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            spendgate_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.AdminService/RevokeToken',
+            spendgate_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            spendgate_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
