@@ -32,8 +32,10 @@ class Settings:
     data_dir: str = ".spendgate"
     database_url: str = ""
     plan: str = ""
-    # Bearer tokens are required unless auth is turned off (never in production).
-    auth: bool = True
+    # Whether bearer tokens are required. Every server started from the command line or the environment
+    # (load_settings) has it on unless SPENDGATE_AUTH=off; only code that builds Settings itself, such as
+    # in-process tests, starts from off.
+    auth: bool = False
     # The deployment's root token (may do anything). Without one, a server with auth on makes one at start
     # and prints it; set it for replicas to share.
     admin_token: str = ""
@@ -112,7 +114,7 @@ def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read settings from ``SPENDGATE_<NAME>`` variables, then apply non-``None`` overrides (flags)."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"auth": True}
     for field in dataclasses.fields(Settings):
         raw = environ.get(f"SPENDGATE_{field.name.upper()}")
         if raw is not None:
