@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spendgate.client import AdminClient, Client, Event
+from spendgate.client import AdminClient, Client, Event, TokenClient
 from spendgate.domain import (
     AuthorizeResult,
     Limits,
@@ -633,3 +633,56 @@ def _describe_event(event: Event) -> str:
             return f"{when} [bold red]freeze[/] {event.node_id}: {event.message}"
         case _:
             return f"{when} {event.kind} {event.node_id} {amount} {event.message}".rstrip()
+
+
+@cli.group()
+def token() -> None:
+    """Issue, list and revoke bearer tokens."""
+
+
+def _tokens(context: click.Context) -> TokenClient:
+    options = context.find_root().params
+    return TokenClient(options["target"], token=options["token"], timeout_s=options["timeout"])
+
+
+@token.command("create")
+@click.option("--role", type=click.Choice(["agent", "reader", "admin"]), required=True)
+@click.option("--scope", required=True, help="The wallet (agent) or account (reader, admin) the token is for.")
+@click.option("--name", required=True, help="A name to recognise the token by.")
+@click.pass_context
+def token_create(context: click.Context, role: str, scope: str, name: str) -> None:
+    """Issue a token; its secret is printed once and never stored."""
+    with _tokens(context) as tokens:
+        secret, info = _call(lambda: tokens.create_token(role, scope, name))
+    error_console.print(
+        f"token {info.token_id} ({info.role} for {info.scope_node_id}); keep the secret, it is not shown again:",
+        highlight=False,
+    )
+    click.echo(secret)
+
+
+@token.command("list")
+@click.option("--account", default="", help="Only this account's tokens.")
+@click.pass_context
+def token_list(context: click.Context, account: str) -> None:
+    """List tokens (without secrets)."""
+    with _tokens(context) as tokens:
+        infos = _call(lambda: tokens.list_tokens(account))
+    table = Table()
+    for column in ("id", "role", "scope", "account", "name", "created"):
+        table.add_column(column, no_wrap=True)
+    for info in infos:
+        table.add_row(
+            info.token_id, info.role, info.scope_node_id, info.account_id, info.name, _time(info.created_at_ms)
+        )
+    console.print(table)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.pass_context
+def token_revoke(context: click.Context, token_id: str) -> None:
+    """Revoke a token: the next call with it fails on every replica."""
+    with _tokens(context) as tokens:
+        info = _call(lambda: tokens.revoke_token(token_id))
+    console.print(f"revoked {info.token_id} ({info.role} for {info.scope_node_id})", highlight=False)

@@ -12,7 +12,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
@@ -323,7 +323,7 @@ class AdminClient:
         self._metadata = _metadata(token)
         self._timeout_s = timeout_s
 
-    def __enter__(self) -> AdminClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -431,3 +431,49 @@ class AdminClient:
                 raise _error(error) from None
         finally:
             stream.cancel()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """An issued token's description (never its secret)."""
+
+    token_id: str
+    role: str
+    scope_node_id: str
+    account_id: str
+    name: str
+    created_at_ms: int
+
+
+def _token_info(message: admin_pb2.Token) -> TokenInfo:
+    return TokenInfo(
+        token_id=message.token_id,
+        role=admin_pb2.TokenRole.Name(message.role).removeprefix("TOKEN_ROLE_").lower(),
+        scope_node_id=message.scope_node_id,
+        account_id=message.account_id,
+        name=message.name,
+        created_at_ms=message.created_at_ms,
+    )
+
+
+class TokenClient(AdminClient):
+    """Token management on AdminService (create, list, revoke)."""
+
+    def create_token(self, role: str, scope_node_id: str, name: str) -> tuple[str, TokenInfo]:
+        """Issue a token; return its secret (shown this once) and its description."""
+        request = admin_pb2.CreateTokenRequest(
+            role=f"TOKEN_ROLE_{role.upper()}",
+            scope_node_id=scope_node_id,
+            name=name,
+        )
+        response = self._unary(self._stub.CreateToken, request)
+        return str(response.secret), _token_info(response.token)
+
+    def list_tokens(self, account_id: str = "") -> list[TokenInfo]:
+        """The tokens the caller may see."""
+        response = self._unary(self._stub.ListTokens, admin_pb2.ListTokensRequest(account_id=account_id))
+        return [_token_info(token) for token in response.tokens]
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        """Revoke a token by id."""
+        return _token_info(self._unary(self._stub.RevokeToken, admin_pb2.RevokeTokenRequest(token_id=token_id)).token)
