@@ -274,7 +274,7 @@ async def serve(settings: Settings) -> None:
     if settings.auth:
         print_tokens(server, await demo_tokens(server) if settings.embedded else [], settings)
     mode = "embedded (in-process fakeredis)" if settings.embedded else f"redis {settings.redis_url}"
-    log.info("spendgate listening on %s (%s)", server.address, mode)
+    log.info("spendgate listening on %s:%d (%s)", settings.host, server.port, mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
