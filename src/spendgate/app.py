@@ -25,7 +25,7 @@ from spendgate.api.auth import Authenticator, issue_token, new_secret
 from spendgate.api.spend import SpendServicer
 from spendgate.clock import Clock, SystemClock
 from spendgate.core import SpendCore
-from spendgate.domain import NodeKind, SpendgateError
+from spendgate.domain import InvalidArgumentError, NodeKind, SpendgateError
 from spendgate.metrics import Metrics, MetricsInterceptor, collect_forever
 from spendgate.plan import load_plan
 from spendgate.settings import Settings
@@ -166,6 +166,24 @@ class SpendgateServer:
             await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise InvalidArgumentError(f"cannot read {what} {path}: {error.strerror}") from error
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS (and, with a client CA, mutual TLS) credentials from the files the settings name."""
+    key = _read(settings.tls_key_file, "tls_key_file")
+    certificate = _read(settings.tls_cert_file, "tls_cert_file")
+    client_ca = _read(settings.tls_client_ca_file, "tls_client_ca_file") if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, certificate)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 async def create_server(
     settings: Settings, *, clock: Clock | None = None, client: aioredis.Redis | None = None
 ) -> SpendgateServer:
@@ -209,8 +227,14 @@ async def create_server(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file:
+        credentials = server_credentials(settings)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if settings.unix_socket:
+        # A unix socket is reachable only through the file system's permissions; it stays plaintext.
         server.add_insecure_port(f"unix:{settings.unix_socket}")
     spendgate_server = SpendgateServer(settings, core, admin, store, metrics, server, health, port)
     spendgate_server.root_token = root_token

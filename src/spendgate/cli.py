@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spendgate.client import AdminClient, Client, Event, TokenClient
+from spendgate.client import AdminClient, Client, Event, Tls, TokenClient
 from spendgate.domain import (
     AuthorizeResult,
     Limits,
@@ -64,9 +64,15 @@ def _amount(text: str) -> int:
     return micros
 
 
+def _tls(options: dict[str, Any]) -> Tls | None:
+    if not (options["tls_ca"] or options["tls_cert"]):
+        return None
+    return Tls(ca_file=options["tls_ca"] or "", cert_file=options["tls_cert"] or "", key_file=options["tls_key"] or "")
+
+
 def _client(context: click.Context) -> Client:
     options = context.find_root().params
-    return Client(options["target"], token=options["token"], timeout_s=options["timeout"])
+    return Client(options["target"], token=options["token"], timeout_s=options["timeout"], tls=_tls(options))
 
 
 def _call(action: Callable[[], T]) -> T:
@@ -105,7 +111,12 @@ def _jsonable(value: Any) -> Any:
     type=float,
     help="Seconds to wait for each call.",
 )
-def cli(target: str, token: str | None, timeout: float) -> None:
+@click.option("--tls-ca", envvar="SPENDGATE_TLS_CA", default=None, help="CA file to verify a TLS server with.")
+@click.option("--tls-cert", envvar="SPENDGATE_TLS_CERT", default=None, help="Client certificate (mutual TLS).")
+@click.option("--tls-key", envvar="SPENDGATE_TLS_KEY", default=None, help="Client key (mutual TLS).")
+def cli(
+    target: str, token: str | None, timeout: float, tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+) -> None:
     """spendgate: real-time spend authorization for fleets of AI agents."""
 
 
@@ -372,7 +383,9 @@ def main() -> None:
 
 def _admin(context: click.Context) -> AdminClient:
     options = context.find_root().params
-    return AdminClient(options["target"], token=options["token"], timeout_s=max(options["timeout"], 30.0))
+    return AdminClient(
+        options["target"], token=options["token"], timeout_s=max(options["timeout"], 30.0), tls=_tls(options)
+    )
 
 
 _CHANGE_STYLE = {"added": "green", "changed": "yellow", "moved": "cyan", "removed": "red"}
@@ -642,7 +655,7 @@ def token() -> None:
 
 def _tokens(context: click.Context) -> TokenClient:
     options = context.find_root().params
-    return TokenClient(options["target"], token=options["token"], timeout_s=options["timeout"])
+    return TokenClient(options["target"], token=options["token"], timeout_s=options["timeout"], tls=_tls(options))
 
 
 @token.command("create")

@@ -71,6 +71,38 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tls:
+    """TLS for a client: the CA that signed the server's certificate, and for mutual TLS the client's own."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials these files make."""
+
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as handle:
+                return handle.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file),
+            private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
+        )
+
+
+def _sync_channel(target: str, tls: Tls | None) -> grpc.Channel:
+    return grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
+
+
+def _aio_channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(target, tls.credentials()) if tls else grpc.aio.insecure_channel(target)
+
+
 def new_idempotency_key() -> str:
     """Return a fresh idempotency key."""
     return uuid.uuid4().hex
@@ -117,8 +149,9 @@ class AsyncClient:
         timeout_s: float = 2.0,
         retry: RetryPolicy | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls: Tls | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or _aio_channel(target, tls)
         # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
         self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = _metadata(token)
@@ -188,8 +221,9 @@ class Client:
         timeout_s: float = 2.0,
         retry: RetryPolicy | None = None,
         channel: grpc.Channel | None = None,
+        tls: Tls | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel = channel or _sync_channel(target, tls)
         # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
         self._stub = spend_pb2_grpc.SpendServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = _metadata(token)
@@ -316,8 +350,9 @@ class AdminClient:
         token: str | None = None,
         timeout_s: float = 30.0,
         channel: grpc.Channel | None = None,
+        tls: Tls | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel = channel or _sync_channel(target, tls)
         # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = _metadata(token)

@@ -32,6 +32,11 @@ class Settings:
     data_dir: str = ".spendgate"
     database_url: str = ""
     plan: str = ""
+    # TLS: with a certificate and key the port speaks only TLS; with a client CA as well, clients must present
+    # a certificate signed by it (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     # Whether bearer tokens are required. Every server started from the command line or the environment
     # (load_settings) has it on unless SPENDGATE_AUTH=off; only code that builds Settings itself, such as
     # in-process tests, starts from off.
@@ -71,6 +76,10 @@ class Settings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise InvalidArgumentError(f"{name} {getattr(self, name)} is not a TCP port")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise InvalidArgumentError("TLS needs both tls_cert_file and tls_key_file")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidArgumentError("mutual TLS (tls_client_ca_file) needs tls_cert_file and tls_key_file")
         if self.webhook_url and not self.webhook_secret:
             raise InvalidArgumentError("webhook_url needs webhook_secret: deliveries are always signed")
         try:
