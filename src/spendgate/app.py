@@ -70,6 +70,7 @@ def build_store(settings: Settings, client: aioredis.Redis | None = None, metric
         retention_ms=int(settings.hold_retention_s * 1000),
         on_outage=metrics.redis_errors.inc if metrics is not None else None,
         alert_percents=settings.alert_percent_list,
+        holds_per_wallet_max=settings.holds_per_wallet_max,
     )
 
 
@@ -208,6 +209,8 @@ async def create_server(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.message_size_max_bytes),
+            ("grpc.max_metadata_size", settings.metadata_size_max_bytes),
+            ("grpc.max_concurrent_streams", settings.streams_per_connection_max),
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=settings.concurrent_rpcs_max,

@@ -61,6 +61,10 @@ class Settings:
     # Utilization thresholds (percent of a window's limit) that raise an alert, once per window.
     alert_percents: str = "50,80,100"
     message_size_max_bytes: int = 64 * 1024
+    metadata_size_max_bytes: int = 8 * 1024
+    holds_per_wallet_max: int = 1000
+    # HTTP/2 streams one client connection may have open at once; more wait for a free one.
+    streams_per_connection_max: int = 256
     concurrent_rpcs_max: int = 10_000
 
     def __post_init__(self) -> None:

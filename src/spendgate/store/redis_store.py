@@ -38,6 +38,7 @@ from spendgate.domain import (
     NotFoundError,
     PermissionDeniedError,
     RemainingBudget,
+    ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
     VoidResult,
@@ -137,6 +138,7 @@ class RedisStore:
         alert_percents: tuple[int, ...] = (50, 80, 100),
         events_length_max: int = 10_000,
         on_outage: Callable[[], None] | None = None,
+        holds_per_wallet_max: int = 1000,
     ) -> None:
         self._client = client
         self.keys = keys or Keys()
@@ -151,6 +153,7 @@ class RedisStore:
         self._alert_percents = ",".join(str(p) for p in alert_percents)
         self.events_length_max = events_length_max
         self._on_outage = on_outage
+        self._holds_per_wallet_max = holds_per_wallet_max
         self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
 
     @property
@@ -270,6 +273,7 @@ class RedisStore:
             self._alert_percents,
             self.events_length_max,
             token_mode,
+            self._holds_per_wallet_max,
             *chain.node_ids,
         ]
         reply = await self._run("authorize", keys, args)
@@ -282,6 +286,11 @@ class RedisStore:
                 raise AlreadyExistsError(
                     f"idempotency_key {command.idempotency_key!r} was already used for a different request on "
                     f"wallet {chain.wallet_id!r}; use a new key for a new request"
+                )
+            if code == "HOLDS_EXHAUSTED":
+                raise ResourceExhaustedError(
+                    f"wallet {chain.wallet_id!r} already has {detail} open holds, the most allowed: capture or void "
+                    "some first"
                 )
             if code == "CURRENCY_MISMATCH":
                 raise InvalidArgumentError(

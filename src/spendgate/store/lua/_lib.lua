@@ -77,6 +77,14 @@ local function window_add(key, w, wid, kind, delta)
   end
 end
 
+-- A wallet counts its open holds (field hc), so their number can be bounded. A wallet deleted while it had
+-- holds is not brought back by the count.
+local function hold_count_down(wallet_key)
+  if wallet_key and redis.call('EXISTS', wallet_key) == 1 then
+    redis.call('HINCRBY', wallet_key, 'hc', -1)
+  end
+end
+
 -- Give a held hold's money back to every node of its chain and mark it with final state `state`.
 local function release_hold(hold_key, holds_key, state, retention_ms)
   local h = redis.call('HMGET', hold_key, 'amt', 'keys', 'win')
@@ -95,6 +103,7 @@ local function release_hold(hold_key, holds_key, state, retention_ms)
   redis.call('HSET', hold_key, 'st', state)
   redis.call('ZREM', holds_key, hold_key)
   redis.call('PEXPIRE', hold_key, retention_ms)
+  hold_count_down(keys[1])
   return amount
 end
 

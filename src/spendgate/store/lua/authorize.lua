@@ -25,13 +25,16 @@
 -- ARGV[19]   alert_percents      comma-separated utilization thresholds that raise an alert, e.g. 50,80,100
 -- ARGV[20]   events_length_max   the event stream's approximate cap
 -- ARGV[21]   token_mode          '' (auth off), '*' (root token) or the caller's token hash
--- ARGV[22..] the chain's node ids, in the order of KEYS[7..]
+-- ARGV[22]   holds_per_wallet_max  the most open holds one wallet may have (a bound, not a limit: past it
+--                                  the request is refused with HOLDS_EXHAUSTED, not denied)
+-- ARGV[23..] the chain's node ids, in the order of KEYS[7..]
 --
 -- Returns {'OK', decision, authorization_id, reason, denied_node, denied_window, tight_node, tight_window,
 --          tight_limit, tight_remaining, hold_expires_at_ms, hold_state, captured_micros, denied_limit,
 --          denied_used, would_reason, would_node, would_window, replayed}
 --      or {'ERR', code, detail} with code UNAUTHENTICATED, PERMISSION_DENIED, STALE_CHAIN,
---         IDEMPOTENCY_CONFLICT or CURRENCY_MISMATCH; an error changes nothing.
+--         IDEMPOTENCY_CONFLICT, CURRENCY_MISMATCH or HOLDS_EXHAUSTED; an error changes nothing (apart from
+--         releasing expired holds, as the sweeper would).
 -- decision: 1 approved, 2 denied. reason: 0 none, 1 frozen, 2 service not allowed, 3 per-transaction,
 -- 4 velocity, 5 window (the precedence: a lower reason anywhere on the chain wins; within a reason the node
 -- nearest the wallet, then day, week, month, total). Windows: 1 day, 2 week, 3 month, 4 total, 5 minute.
@@ -50,7 +53,7 @@ local amount = tonumber(amount_str)
 local capture = ARGV[6] == '1'
 local FIXED = 6
 local chain_length = #KEYS - FIXED
-local ID0 = 21
+local ID0 = 22
 local account_key = KEYS[#KEYS]
 
 -- 0. The caller may act on this wallet.
@@ -82,6 +85,10 @@ end
 
 -- 3. Expired holds give their money back before anything is counted.
 expire_due(KEYS[1], now_ms, tonumber(ARGV[18]), ARGV[10])
+
+if not capture and num(redis.call('HGET', KEYS[FIXED + 1], 'hc')) >= tonumber(ARGV[22]) then
+  return {'ERR', 'HOLDS_EXHAUSTED', ARGV[22]}
+end
 
 local wins = effective_windows(account_key, {d = ARGV[12], w = ARGV[13], m = ARGV[14]})
 local minute = ARGV[15]
@@ -207,6 +214,7 @@ if reason == 0 then
   else
     hold_state, hold_expires_at = HELD, expires_at
     redis.call('ZADD', KEYS[1], int_str(expires_at), hold_key)
+    redis.call('HINCRBY', nodes[1].key, 'hc', 1)
   end
 end
 

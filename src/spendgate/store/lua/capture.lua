@@ -73,6 +73,7 @@ for i = 1, #keys do
 end
 redis.call('HSET', hold_key, 'st', CAPTURED, 'cap', ARGV[2], 'ck', ARGV[3])
 redis.call('ZREM', KEYS[1], hold_key)
+hold_count_down(keys[1])
 redis.call('PEXPIRE', hold_key, ARGV[4])
 outbox_append(KEYS[2], hold_key, ARGV[5], ARGV[2], ARGV[1])
 event_append(KEYS[4], ARGV[6], ARGV[1], EVENT_CAPTURE, h[9], h[8], ARGV[2], 'auth', ARGV[5])
