@@ -45,10 +45,15 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     if settings.embedded:
         import fakeredis  # Only the embedded mode needs it; a production server never imports it.
 
-        client: aioredis.Redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+        # In-process "connections" cost nothing; the bound only stops a runaway.
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis(decode_responses=True, max_connections=100_000)
         return client
-    return aioredis.Redis.from_url(
+    # A blocking pool makes a burst of calls wait (within the store's deadline) for a free connection instead
+    # of failing; batching keeps the number in use small anyway.
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_connections_max,
+        timeout=settings.redis_timeout_s,
         decode_responses=True,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
@@ -57,6 +62,7 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def build_store(settings: Settings, client: aioredis.Redis | None = None, metrics: Metrics | None = None) -> RedisStore:

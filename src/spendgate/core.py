@@ -6,6 +6,7 @@ It holds no limit logic of its own (that lives in the Lua scripts) and no driver
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -83,17 +84,25 @@ class SpendCore:
         self.store = store
         self.clock = clock
         self._chains: dict[str, Chain] = {}
+        self._resolving: dict[str, asyncio.Future[Chain]] = {}
         self._chain_cache_size_max = chain_cache_size_max
         self._stale_retries_max = stale_retries_max
 
     async def _chain(self, wallet_id: str) -> Chain:
         chain = self._chains.get(wallet_id)
-        if chain is None:
-            chain = await self.store.resolve_wallet(wallet_id)
-            if len(self._chains) >= self._chain_cache_size_max:
-                # A bound, not an LRU: refilling costs one resolve per wallet, and the cache stays small.
-                self._chains.clear()
-            self._chains[wallet_id] = chain
+        if chain is not None:
+            return chain
+        # One resolution per wallet at a time: a burst of first calls for a wallet waits for the same one.
+        pending = self._resolving.get(wallet_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.resolve_wallet(wallet_id))
+            self._resolving[wallet_id] = pending
+            pending.add_done_callback(lambda _: self._resolving.pop(wallet_id, None))
+        chain = await asyncio.shield(pending)
+        if len(self._chains) >= self._chain_cache_size_max:
+            # A bound, not an LRU: refilling costs one resolve per wallet, and the cache stays small.
+            self._chains.clear()
+        self._chains[wallet_id] = chain
         return chain
 
     async def authorize(self, command: AuthorizeCommand, *, token_mode: str = "") -> AuthorizeResult:

@@ -21,6 +21,7 @@ class Settings:
     # Without a Redis URL the server runs the same Lua scripts on an in-process fakeredis.
     redis_url: str = ""
     redis_timeout_s: float = 0.25
+    redis_connections_max: int = 64
     key_prefix: str = "sg"
     hold_ttl_s: float = 300.0
     idempotency_ttl_s: float = 86_400.0

@@ -122,6 +122,73 @@ def explain(result: AuthorizeResult, *, limit: int, used: int, amount_micros: in
             )
 
 
+class ScriptBatcher:
+    """Sends concurrent script calls to Redis together: one pipelined round trip carries many decisions.
+
+    A call joins the queue; a drainer sends everything queued as one pipeline (at most ``batch_size_max``
+    calls) and hands each caller its reply. While a pipeline is in flight new calls queue up, so under load
+    batches grow by themselves and at low load a call goes out at once. At most ``in_flight_max`` pipelines
+    are out at a time. Each script is still one atomic EVALSHA; batching changes the transport, not the
+    decisions.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, batch_size_max: int = 256, in_flight_max: int = 4) -> None:
+        self._client = client
+        self._batch_size_max = batch_size_max
+        self._in_flight_max = in_flight_max
+        self._in_flight = 0
+        # (script, EVALSHA arguments after the sha: numkeys, keys, args; the caller's future)
+        self._queue: list[tuple[Any, list[Any], asyncio.Future[Any]]] = []
+
+    async def call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run one script (an AsyncScript) in the next batch and return its reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((script, [len(keys), *keys, *args], future))
+        if self._in_flight < self._in_flight_max:
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._drain(), name="redis-batch")
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._batch_size_max]
+                del self._queue[: self._batch_size_max]
+                await self._send(batch, reload_scripts=True)
+        finally:
+            self._in_flight -= 1
+
+    async def _send(self, batch: list[tuple[Any, list[Any], asyncio.Future[Any]]], *, reload_scripts: bool) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for script, values, _ in batch:
+            pipe.execute_command("EVALSHA", script.sha, *values)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as error:  # The connection failed: every call in the batch learns it.
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error if isinstance(error, Exception) else ConnectionError(str(error)))
+            if not isinstance(error, Exception):
+                raise
+            return
+        retry = []
+        for entry, reply in zip(batch, replies, strict=True):
+            future = entry[2]
+            if isinstance(reply, redis.exceptions.NoScriptError) and reload_scripts:
+                retry.append(entry)
+            elif future.done():
+                continue
+            elif isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+        if retry:
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): load and send those calls once more.
+            for script in {id(entry[0]): entry[0] for entry in retry}.values():
+                await self._client.script_load(script.script)
+            await self._send(retry, reload_scripts=False)
+
+
 class RedisStore:
     """A :class:`~spendgate.store.protocol.SpendStore` over Redis (or fakeredis) and the Lua scripts."""
 
@@ -139,6 +206,7 @@ class RedisStore:
         events_length_max: int = 10_000,
         on_outage: Callable[[], None] | None = None,
         holds_per_wallet_max: int = 1000,
+        batching: bool = True,
     ) -> None:
         self._client = client
         self.keys = keys or Keys()
@@ -155,6 +223,7 @@ class RedisStore:
         self._on_outage = on_outage
         self._holds_per_wallet_max = holds_per_wallet_max
         self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
+        self._batcher = ScriptBatcher(client) if batching else None
 
     @property
     def client(self) -> aioredis.Redis:
@@ -171,7 +240,10 @@ class RedisStore:
             raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
-        reply = await self._call(self._scripts[script](keys=list(keys), args=list(args)))
+        if self._batcher is not None:
+            reply = await self._call(self._batcher.call(self._scripts[script], keys, args))
+        else:
+            reply = await self._call(self._scripts[script](keys=list(keys), args=list(args)))
         return list(reply) if isinstance(reply, list) else [reply]
 
     # ------------------------------------------------------------------------------------------------
