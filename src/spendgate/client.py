@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -33,6 +33,7 @@ from spendgate.domain import (
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ERROR_OF = {code: kind for kind, code in STATUS_OF.items()}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class RpcError(SpendgateError):
@@ -205,9 +206,84 @@ class AsyncClient:
         """Release a hold."""
         return await self._call(self._stub.Void, spend_pb2.VoidRequest(authorization_id=authorization_id), decode_void)
 
+    def stream(self) -> AuthorizeStream:
+        """Open a bidirectional authorization stream (for high throughput)."""
+        return AuthorizeStream(self._stub, self._metadata)
+
     async def get_budget(self, node_id: str) -> NodeBudget:
         """Report a node's budget."""
         return await self._call(self._stub.GetBudget, spend_pb2.GetBudgetRequest(node_id=node_id), decode_budget)
+
+
+class AuthorizeStream:
+    """Many authorizations over one bidirectional stream (``AsyncClient.stream()``); answers match by id.
+
+    Use it as ``async with client.stream() as stream: result = await stream.authorize(...)`` from as many
+    tasks as you like: requests share the stream and are decided concurrently by the server.
+    """
+
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._outgoing: asyncio.Queue[spend_pb2.AuthorizeStreamRequest | None] = asyncio.Queue()
+        self._pending: dict[str, asyncio.Future[AuthorizeResult]] = {}
+        self._call = stub.AuthorizeStream(self._requests(), metadata=metadata)
+        self._reader = asyncio.create_task(self._read())
+
+    async def __aenter__(self) -> AuthorizeStream:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _requests(self) -> AsyncIterator[spend_pb2.AuthorizeStreamRequest]:
+        while (item := await self._outgoing.get()) is not None:
+            yield item
+
+    async def _read(self) -> None:
+        failure: SpendgateError = UnavailableError("the stream ended")
+        try:
+            async for answer in self._call:
+                future = self._pending.pop(answer.request_id, None)
+                if future is None or future.done():
+                    continue
+                if answer.error_code:
+                    code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
+                    kind = _ERROR_OF.get(code)
+                    future.set_exception(kind(answer.error_message) if kind else RpcError(code, answer.error_message))
+                else:
+                    future.set_result(decode_authorize(answer.response))
+        except grpc.RpcError as error:
+            failure = _error(error)
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(failure)
+            self._pending.clear()
+
+    async def authorize(
+        self,
+        wallet_id: str,
+        amount_micros: int,
+        *,
+        currency: str = "USD",
+        service: str = "",
+        capture: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AuthorizeResult:
+        """Ask to spend over the stream; the same arguments and answer as :meth:`AsyncClient.authorize`."""
+        if self._reader.done():
+            raise UnavailableError("the stream is closed")
+        request_id = uuid.uuid4().hex
+        future: asyncio.Future[AuthorizeResult] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        request = _authorize_request(wallet_id, amount_micros, currency, service, capture, metadata, idempotency_key)
+        self._outgoing.put_nowait(spend_pb2.AuthorizeStreamRequest(request_id=request_id, request=request))
+        return await future
+
+    async def close(self) -> None:
+        """Finish the stream after the answers still due have arrived."""
+        self._outgoing.put_nowait(None)
+        await self._reader
 
 
 class Client:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -9,26 +12,33 @@ import grpc
 from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
 from spendgate.api.auth import Authenticator
 from spendgate.api.codec import encode_authorize, encode_budget
-from spendgate.api.errors import grpc_errors
+from spendgate.api.errors import grpc_errors, status_of
 from spendgate.core import SpendCore
-from spendgate.domain import AuthorizeCommand, check_id
+from spendgate.domain import AuthorizeCommand, InvalidArgumentError, SpendgateError, check_id
 from spendgate.metrics import Metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger("spendgate.api")
+REQUEST_ID_LENGTH_MAX = 128
 
 
 class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
     """The gRPC face of :class:`~spendgate.core.SpendCore`."""
 
-    def __init__(self, core: SpendCore, auth: Authenticator, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, core: SpendCore, auth: Authenticator, metrics: Metrics | None = None, stream_in_flight_max: int = 256
+    ) -> None:
         self._core = core
+        self._stream_in_flight_max = stream_in_flight_max
         self._auth = auth
         self._metrics = metrics or Metrics()
 
     @grpc_errors
     async def Authorize(self, request: spend_pb2.AuthorizeRequest, context: Context) -> spend_pb2.AuthorizeResponse:
         """Decide one spend."""
-        token_mode = self._auth.token_mode(context)
+        return await self._authorize(request, self._auth.token_mode(context))
+
+    async def _authorize(self, request: spend_pb2.AuthorizeRequest, token_mode: str) -> spend_pb2.AuthorizeResponse:
         command = AuthorizeCommand(
             wallet_id=request.wallet_id,
             amount_micros=request.amount_micros,
@@ -41,6 +51,65 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
         result = await self._core.authorize(command, token_mode=token_mode)
         self._metrics.record_decision(result)
         return encode_authorize(result)
+
+    async def AuthorizeStream(
+        self, request_iterator: AsyncIterator[spend_pb2.AuthorizeStreamRequest], context: Context
+    ) -> AsyncIterator[spend_pb2.AuthorizeStreamResponse]:
+        """Decide a stream of authorizations concurrently (at most ``stream_in_flight_max`` at a time)."""
+        try:
+            token_mode = self._auth.token_mode(context)
+        except SpendgateError as error:
+            await context.abort(status_of(error), str(error))
+        answers: asyncio.Queue[spend_pb2.AuthorizeStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_in_flight_max)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def decide(item: spend_pb2.AuthorizeStreamRequest) -> None:
+            try:
+                if not 1 <= len(item.request_id) <= REQUEST_ID_LENGTH_MAX:
+                    raise InvalidArgumentError(f"request_id must be 1 to {REQUEST_ID_LENGTH_MAX} characters")
+                response = await self._authorize(item.request, token_mode)
+                answers.put_nowait(spend_pb2.AuthorizeStreamResponse(request_id=item.request_id, response=response))
+            except SpendgateError as error:
+                answers.put_nowait(
+                    spend_pb2.AuthorizeStreamResponse(
+                        request_id=item.request_id[:REQUEST_ID_LENGTH_MAX],
+                        error_code=status_of(error).value[0],
+                        error_message=str(error),
+                    )
+                )
+            except Exception:
+                log.exception("unhandled error in AuthorizeStream")
+                answers.put_nowait(
+                    spend_pb2.AuthorizeStreamResponse(
+                        request_id=item.request_id[:REQUEST_ID_LENGTH_MAX],
+                        error_code=grpc.StatusCode.INTERNAL.value[0],
+                        error_message="internal error; it has been logged",
+                    )
+                )
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for item in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(decide(item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
 
     @grpc_errors
     async def Capture(self, request: spend_pb2.CaptureRequest, context: Context) -> spend_pb2.CaptureResponse:

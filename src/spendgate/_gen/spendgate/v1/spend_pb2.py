@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18spendgate/v1/spend.proto\x12\x0cspendgate.v1\"\xfa\x01\n\x10\x41uthorizeRequest\x12\x11\n\twallet_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61pture\x18\x06 \x01(\x08\x12>\n\x08metadata\x18\x07 \x03(\x0b\x32,.spendgate.v1.AuthorizeRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\nNodeWindow\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06window\x18\x02 \x01(\x0e\x32\x14.spendgate.v1.Window\"x\n\x0fRemainingBudget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06window\x18\x02 \x01(\x0e\x32\x14.spendgate.v1.Window\x12\x14\n\x0climit_micros\x18\x03 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x04 \x01(\x03\"\xbe\x03\n\x11\x41uthorizeResponse\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.spendgate.v1.Decision\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\x12-\n\x0b\x64\x65ny_reason\x18\x03 \x01(\x0e\x32\x18.spendgate.v1.DenyReason\x12+\n\tdenied_by\x18\x04 \x01(\x0b\x32\x18.spendgate.v1.NodeWindow\x12\x30\n\tremaining\x18\x05 \x01(\x0b\x32\x1d.spendgate.v1.RemainingBudget\x12\x1a\n\x12hold_expires_at_ms\x18\x06 \x01(\x03\x12+\n\nhold_state\x18\x07 \x01(\x0e\x32\x17.spendgate.v1.HoldState\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x17\n\x0f\x63\x61ptured_micros\x18\t \x01(\x03\x12\x33\n\x11would_deny_reason\x18\n \x01(\x0e\x32\x18.spendgate.v1.DenyReason\x12/\n\rwould_deny_by\x18\x0b \x01(\x0b\x32\x18.spendgate.v1.NodeWindow\"Z\n\x0e\x43\x61ptureRequest\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x8a\x01\n\x0f\x43\x61ptureResponse\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61ptured_micros\x18\x02 \x01(\x03\x12\x17\n\x0freleased_micros\x18\x03 \x01(\x03\x12+\n\nhold_state\x18\x04 \x01(\x0e\x32\x17.spendgate.v1.HoldState\"\'\n\x0bVoidRequest\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\"n\n\x0cVoidResponse\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x17\n\x0freleased_micros\x18\x02 \x01(\x03\x12+\n\nhold_state\x18\x03 \x01(\x0e\x32\x17.spendgate.v1.HoldState\"#\n\x10GetBudgetRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\xc7\x01\n\x0cWindowBudget\x12$\n\x06window\x18\x01 \x01(\x0e\x32\x14.spendgate.v1.Window\x12\x11\n\twindow_id\x18\x02 \x01(\t\x12\x0f\n\x07limited\x18\x03 \x01(\x08\x12\x14\n\x0climit_micros\x18\x04 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x05 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x06 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x07 \x01(\x03\x12\x12\n\nends_at_ms\x18\x08 \x01(\x03\"\xde\x02\n\x11GetBudgetResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.spendgate.v1.NodeKind\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x0e\n\x06\x66rozen\x18\x07 \x01(\x08\x12\x15\n\rfrozen_reason\x18\x08 \x01(\t\x12$\n\x1cper_transaction_limit_micros\x18\t \x01(\x03\x12\x1b\n\x13velocity_per_minute\x18\n \x01(\x03\x12\x15\n\rvelocity_used\x18\x0b \x01(\x03\x12\x18\n\x10\x61llowed_services\x18\x0c \x03(\t\x12+\n\x07windows\x18\r \x03(\x0b\x32\x1a.spendgate.v1.WindowBudget*P\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_APPROVED\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_DENIED\x10\x02*\xcb\x01\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45NY_REASON_FROZEN\x10\x01\x12#\n\x1f\x44\x45NY_REASON_SERVICE_NOT_ALLOWED\x10\x02\x12%\n!DENY_REASON_PER_TRANSACTION_LIMIT\x10\x03\x12\x1e\n\x1a\x44\x45NY_REASON_VELOCITY_LIMIT\x10\x04\x12\x1c\n\x18\x44\x45NY_REASON_WINDOW_LIMIT\x10\x05*x\n\x06Window\x12\x16\n\x12WINDOW_UNSPECIFIED\x10\x00\x12\x0e\n\nWINDOW_DAY\x10\x01\x12\x0f\n\x0bWINDOW_WEEK\x10\x02\x12\x10\n\x0cWINDOW_MONTH\x10\x03\x12\x10\n\x0cWINDOW_TOTAL\x10\x04\x12\x11\n\rWINDOW_MINUTE\x10\x05*\x84\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fHOLD_STATE_HELD\x10\x01\x12\x17\n\x13HOLD_STATE_CAPTURED\x10\x02\x12\x15\n\x11HOLD_STATE_VOIDED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04*f\n\x08NodeKind\x12\x19\n\x15NODE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_KIND_ACCOUNT\x10\x01\x12\x12\n\x0eNODE_KIND_POOL\x10\x02\x12\x14\n\x10NODE_KIND_WALLET\x10\x03\x32\xb1\x02\n\x0cSpendService\x12L\n\tAuthorize\x12\x1e.spendgate.v1.AuthorizeRequest\x1a\x1f.spendgate.v1.AuthorizeResponse\x12\x46\n\x07\x43\x61pture\x12\x1c.spendgate.v1.CaptureRequest\x1a\x1d.spendgate.v1.CaptureResponse\x12=\n\x04Void\x12\x19.spendgate.v1.VoidRequest\x1a\x1a.spendgate.v1.VoidResponse\x12L\n\tGetBudget\x12\x1e.spendgate.v1.GetBudgetRequest\x1a\x1f.spendgate.v1.GetBudgetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18spendgate/v1/spend.proto\x12\x0cspendgate.v1\"\xfa\x01\n\x10\x41uthorizeRequest\x12\x11\n\twallet_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61pture\x18\x06 \x01(\x08\x12>\n\x08metadata\x18\x07 \x03(\x0b\x32,.spendgate.v1.AuthorizeRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x16\x41uthorizeStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1e.spendgate.v1.AuthorizeRequest\"\x8b\x01\n\x17\x41uthorizeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1f.spendgate.v1.AuthorizeResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"C\n\nNodeWindow\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06window\x18\x02 \x01(\x0e\x32\x14.spendgate.v1.Window\"x\n\x0fRemainingBudget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06window\x18\x02 \x01(\x0e\x32\x14.spendgate.v1.Window\x12\x14\n\x0climit_micros\x18\x03 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x04 \x01(\x03\"\xbe\x03\n\x11\x41uthorizeResponse\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.spendgate.v1.Decision\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\x12-\n\x0b\x64\x65ny_reason\x18\x03 \x01(\x0e\x32\x18.spendgate.v1.DenyReason\x12+\n\tdenied_by\x18\x04 \x01(\x0b\x32\x18.spendgate.v1.NodeWindow\x12\x30\n\tremaining\x18\x05 \x01(\x0b\x32\x1d.spendgate.v1.RemainingBudget\x12\x1a\n\x12hold_expires_at_ms\x18\x06 \x01(\x03\x12+\n\nhold_state\x18\x07 \x01(\x0e\x32\x17.spendgate.v1.HoldState\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x17\n\x0f\x63\x61ptured_micros\x18\t \x01(\x03\x12\x33\n\x11would_deny_reason\x18\n \x01(\x0e\x32\x18.spendgate.v1.DenyReason\x12/\n\rwould_deny_by\x18\x0b \x01(\x0b\x32\x18.spendgate.v1.NodeWindow\"Z\n\x0e\x43\x61ptureRequest\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x8a\x01\n\x0f\x43\x61ptureResponse\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61ptured_micros\x18\x02 \x01(\x03\x12\x17\n\x0freleased_micros\x18\x03 \x01(\x03\x12+\n\nhold_state\x18\x04 \x01(\x0e\x32\x17.spendgate.v1.HoldState\"\'\n\x0bVoidRequest\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\"n\n\x0cVoidResponse\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x17\n\x0freleased_micros\x18\x02 \x01(\x03\x12+\n\nhold_state\x18\x03 \x01(\x0e\x32\x17.spendgate.v1.HoldState\"#\n\x10GetBudgetRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\xc7\x01\n\x0cWindowBudget\x12$\n\x06window\x18\x01 \x01(\x0e\x32\x14.spendgate.v1.Window\x12\x11\n\twindow_id\x18\x02 \x01(\t\x12\x0f\n\x07limited\x18\x03 \x01(\x08\x12\x14\n\x0climit_micros\x18\x04 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x05 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x06 \x01(\x03\x12\x18\n\x10remaining_micros\x18\x07 \x01(\x03\x12\x12\n\nends_at_ms\x18\x08 \x01(\x03\"\xde\x02\n\x11GetBudgetResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.spendgate.v1.NodeKind\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x0e\n\x06\x66rozen\x18\x07 \x01(\x08\x12\x15\n\rfrozen_reason\x18\x08 \x01(\t\x12$\n\x1cper_transaction_limit_micros\x18\t \x01(\x03\x12\x1b\n\x13velocity_per_minute\x18\n \x01(\x03\x12\x15\n\rvelocity_used\x18\x0b \x01(\x03\x12\x18\n\x10\x61llowed_services\x18\x0c \x03(\t\x12+\n\x07windows\x18\r \x03(\x0b\x32\x1a.spendgate.v1.WindowBudget*P\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_APPROVED\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_DENIED\x10\x02*\xcb\x01\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45NY_REASON_FROZEN\x10\x01\x12#\n\x1f\x44\x45NY_REASON_SERVICE_NOT_ALLOWED\x10\x02\x12%\n!DENY_REASON_PER_TRANSACTION_LIMIT\x10\x03\x12\x1e\n\x1a\x44\x45NY_REASON_VELOCITY_LIMIT\x10\x04\x12\x1c\n\x18\x44\x45NY_REASON_WINDOW_LIMIT\x10\x05*x\n\x06Window\x12\x16\n\x12WINDOW_UNSPECIFIED\x10\x00\x12\x0e\n\nWINDOW_DAY\x10\x01\x12\x0f\n\x0bWINDOW_WEEK\x10\x02\x12\x10\n\x0cWINDOW_MONTH\x10\x03\x12\x10\n\x0cWINDOW_TOTAL\x10\x04\x12\x11\n\rWINDOW_MINUTE\x10\x05*\x84\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fHOLD_STATE_HELD\x10\x01\x12\x17\n\x13HOLD_STATE_CAPTURED\x10\x02\x12\x15\n\x11HOLD_STATE_VOIDED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04*f\n\x08NodeKind\x12\x19\n\x15NODE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_KIND_ACCOUNT\x10\x01\x12\x12\n\x0eNODE_KIND_POOL\x10\x02\x12\x14\n\x10NODE_KIND_WALLET\x10\x03\x32\x95\x03\n\x0cSpendService\x12L\n\tAuthorize\x12\x1e.spendgate.v1.AuthorizeRequest\x1a\x1f.spendgate.v1.AuthorizeResponse\x12\x46\n\x07\x43\x61pture\x12\x1c.spendgate.v1.CaptureRequest\x1a\x1d.spendgate.v1.CaptureResponse\x12=\n\x04Void\x12\x19.spendgate.v1.VoidRequest\x1a\x1a.spendgate.v1.VoidResponse\x12L\n\tGetBudget\x12\x1e.spendgate.v1.GetBudgetRequest\x1a\x1f.spendgate.v1.GetBudgetResponse\x12\x62\n\x0f\x41uthorizeStream\x12$.spendgate.v1.AuthorizeStreamRequest\x1a%.spendgate.v1.AuthorizeStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +34,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUTHORIZEREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_AUTHORIZEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=1913
-  _globals['_DECISION']._serialized_end=1993
-  _globals['_DENYREASON']._serialized_start=1996
-  _globals['_DENYREASON']._serialized_end=2199
-  _globals['_WINDOW']._serialized_start=2201
-  _globals['_WINDOW']._serialized_end=2321
-  _globals['_HOLDSTATE']._serialized_start=2324
-  _globals['_HOLDSTATE']._serialized_end=2456
-  _globals['_NODEKIND']._serialized_start=2458
-  _globals['_NODEKIND']._serialized_end=2560
+  _globals['_DECISION']._serialized_start=2150
+  _globals['_DECISION']._serialized_end=2230
+  _globals['_DENYREASON']._serialized_start=2233
+  _globals['_DENYREASON']._serialized_end=2436
+  _globals['_WINDOW']._serialized_start=2438
+  _globals['_WINDOW']._serialized_end=2558
+  _globals['_HOLDSTATE']._serialized_start=2561
+  _globals['_HOLDSTATE']._serialized_end=2693
+  _globals['_NODEKIND']._serialized_start=2695
+  _globals['_NODEKIND']._serialized_end=2797
   _globals['_AUTHORIZEREQUEST']._serialized_start=43
   _globals['_AUTHORIZEREQUEST']._serialized_end=293
   _globals['_AUTHORIZEREQUEST_METADATAENTRY']._serialized_start=246
   _globals['_AUTHORIZEREQUEST_METADATAENTRY']._serialized_end=293
-  _globals['_NODEWINDOW']._serialized_start=295
-  _globals['_NODEWINDOW']._serialized_end=362
-  _globals['_REMAININGBUDGET']._serialized_start=364
-  _globals['_REMAININGBUDGET']._serialized_end=484
-  _globals['_AUTHORIZERESPONSE']._serialized_start=487
-  _globals['_AUTHORIZERESPONSE']._serialized_end=933
-  _globals['_CAPTUREREQUEST']._serialized_start=935
-  _globals['_CAPTUREREQUEST']._serialized_end=1025
-  _globals['_CAPTURERESPONSE']._serialized_start=1028
-  _globals['_CAPTURERESPONSE']._serialized_end=1166
-  _globals['_VOIDREQUEST']._serialized_start=1168
-  _globals['_VOIDREQUEST']._serialized_end=1207
-  _globals['_VOIDRESPONSE']._serialized_start=1209
-  _globals['_VOIDRESPONSE']._serialized_end=1319
-  _globals['_GETBUDGETREQUEST']._serialized_start=1321
-  _globals['_GETBUDGETREQUEST']._serialized_end=1356
-  _globals['_WINDOWBUDGET']._serialized_start=1359
-  _globals['_WINDOWBUDGET']._serialized_end=1558
-  _globals['_GETBUDGETRESPONSE']._serialized_start=1561
-  _globals['_GETBUDGETRESPONSE']._serialized_end=1911
-  _globals['_SPENDSERVICE']._serialized_start=2563
-  _globals['_SPENDSERVICE']._serialized_end=2868
+  _globals['_AUTHORIZESTREAMREQUEST']._serialized_start=295
+  _globals['_AUTHORIZESTREAMREQUEST']._serialized_end=388
+  _globals['_AUTHORIZESTREAMRESPONSE']._serialized_start=391
+  _globals['_AUTHORIZESTREAMRESPONSE']._serialized_end=530
+  _globals['_NODEWINDOW']._serialized_start=532
+  _globals['_NODEWINDOW']._serialized_end=599
+  _globals['_REMAININGBUDGET']._serialized_start=601
+  _globals['_REMAININGBUDGET']._serialized_end=721
+  _globals['_AUTHORIZERESPONSE']._serialized_start=724
+  _globals['_AUTHORIZERESPONSE']._serialized_end=1170
+  _globals['_CAPTUREREQUEST']._serialized_start=1172
+  _globals['_CAPTUREREQUEST']._serialized_end=1262
+  _globals['_CAPTURERESPONSE']._serialized_start=1265
+  _globals['_CAPTURERESPONSE']._serialized_end=1403
+  _globals['_VOIDREQUEST']._serialized_start=1405
+  _globals['_VOIDREQUEST']._serialized_end=1444
+  _globals['_VOIDRESPONSE']._serialized_start=1446
+  _globals['_VOIDRESPONSE']._serialized_end=1556
+  _globals['_GETBUDGETREQUEST']._serialized_start=1558
+  _globals['_GETBUDGETREQUEST']._serialized_end=1593
+  _globals['_WINDOWBUDGET']._serialized_start=1596
+  _globals['_WINDOWBUDGET']._serialized_end=1795
+  _globals['_GETBUDGETRESPONSE']._serialized_start=1798
+  _globals['_GETBUDGETRESPONSE']._serialized_end=2148
+  _globals['_SPENDSERVICE']._serialized_start=2800
+  _globals['_SPENDSERVICE']._serialized_end=3205
 # @@protoc_insertion_point(module_scope)

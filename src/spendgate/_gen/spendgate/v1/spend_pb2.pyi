@@ -96,6 +96,26 @@ class AuthorizeRequest(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     def __init__(self, wallet_id: _Optional[str] = ..., amount_micros: _Optional[int] = ..., currency: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., service: _Optional[str] = ..., capture: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class AuthorizeStreamRequest(_message.Message):
+    __slots__ = ("request_id", "request")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    request: AuthorizeRequest
+    def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[AuthorizeRequest, _Mapping]] = ...) -> None: ...
+
+class AuthorizeStreamResponse(_message.Message):
+    __slots__ = ("request_id", "response", "error_code", "error_message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: AuthorizeResponse
+    error_code: int
+    error_message: str
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
 class NodeWindow(_message.Message):
     __slots__ = ("node_id", "window")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class SpendServiceStub:
                 request_serializer=spendgate_dot_v1_dot_spend__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spend__pb2.GetBudgetResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeStream = channel.stream_stream(
+                '/spendgate.v1.SpendService/AuthorizeStream',
+                request_serializer=spendgate_dot_v1_dot_spend__pb2.AuthorizeStreamRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spend__pb2.AuthorizeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class SpendServiceServicer:
@@ -98,6 +103,14 @@ class SpendServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeStream(self, request_iterator, context):
+        """AuthorizeStream decides many authorizations over one stream, for high-throughput runtimes. Requests are
+        decided concurrently; each answer carries the request_id it answers and may arrive out of order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpendServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +133,11 @@ def add_SpendServiceServicer_to_server(servicer, server):
                     servicer.GetBudget,
                     request_deserializer=spendgate_dot_v1_dot_spend__pb2.GetBudgetRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spend__pb2.GetBudgetResponse.SerializeToString,
+            ),
+            'AuthorizeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AuthorizeStream,
+                    request_deserializer=spendgate_dot_v1_dot_spend__pb2.AuthorizeStreamRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spend__pb2.AuthorizeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,6 +253,33 @@ class SpendService:
             '/spendgate.v1.SpendService/GetBudget',
             spendgate_dot_v1_dot_spend__pb2.GetBudgetRequest.SerializeToString,
             spendgate_dot_v1_dot_spend__pb2.GetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/spendgate.v1.SpendService/AuthorizeStream',
+            spendgate_dot_v1_dot_spend__pb2.AuthorizeStreamRequest.SerializeToString,
+            spendgate_dot_v1_dot_spend__pb2.AuthorizeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
