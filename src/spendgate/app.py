@@ -22,8 +22,9 @@ from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, sp
 from spendgate.admin import AdminCore
 from spendgate.api.admin import AdminServicer
 from spendgate.api.auth import Authenticator, issue_token, new_secret
+from spendgate.api.guard import add_guarded
 from spendgate.api.spend import SpendServicer
-from spendgate.clock import Clock, SystemClock
+from spendgate.clock import Clock, SystemClock, pause
 from spendgate.core import SpendCore
 from spendgate.domain import InvalidArgumentError, NodeKind, SpendgateError
 from spendgate.metrics import Metrics, MetricsInterceptor, collect_forever
@@ -38,6 +39,7 @@ log = logging.getLogger("spendgate")
 SPEND_SERVICE = spend_pb2.DESCRIPTOR.services_by_name["SpendService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 HEALTH_PROBE_INTERVAL_S = 1.0
+EMBEDDED_TIMEOUT_S = 10.0
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -62,15 +64,22 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    # from_pool hands the pool to the client, so closing the client (on server stop) disconnects it; a plain
+    # Redis(connection_pool=pool) would leave every connection open.
+    return aioredis.Redis.from_pool(pool)
 
 
 def build_store(settings: Settings, client: aioredis.Redis | None = None, metrics: Metrics | None = None) -> RedisStore:
     """Return the store for the settings."""
+    client = client if client is not None else redis_client(settings)
+    in_process = type(client).__module__.startswith("fakeredis")
     return RedisStore(
-        client if client is not None else redis_client(settings),
+        client,
         keys=Keys(settings.key_prefix),
-        timeout_s=settings.redis_timeout_s,
+        # The embedded store cannot be "down"; its deadline only has to cover a burst queued in-process.
+        timeout_s=settings.redis_timeout_s
+        if not settings.embedded
+        else max(settings.redis_timeout_s, EMBEDDED_TIMEOUT_S),
         hold_ttl_ms=int(settings.hold_ttl_s * 1000),
         idempotency_ttl_ms=int(settings.idempotency_ttl_s * 1000),
         retention_ms=int(settings.hold_retention_s * 1000),
@@ -138,11 +147,9 @@ class SpendgateServer:
         """Stop taking calls, let in-flight calls finish within the grace period, then stop the tasks."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
+        # The endpoint's thread would otherwise serve (and hold the port) for as long as the process lives.
+        await asyncio.to_thread(self.metrics.stop_http)
         await self.core.store.close()
 
     async def wait(self) -> None:
@@ -157,7 +164,7 @@ class SpendgateServer:
                     log.info("released %d expired holds", released)
             except SpendgateError as error:
                 log.warning("hold sweep failed: %s", error)
-            await asyncio.sleep(self.settings.sweep_interval_s)
+            await pause(self.settings.sweep_interval_s)
 
     async def _probe_forever(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -170,7 +177,25 @@ class SpendgateServer:
                 status = not_serving
             for service in ("", SPEND_SERVICE):
                 await self._health.set(service, status)
-            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+            await pause(HEALTH_PROBE_INTERVAL_S)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until every one has ended.
+
+    A cancellation is repeated until it takes: on Python 3.11 one can be lost inside a library (redis-py sends
+    with ``asyncio.wait_for``, which swallows a cancellation that arrives as its inner call finishes), and a
+    task that lost it would run, and keep a shutdown waiting, forever.
+    """
+    pending = [task for task in tasks if not task.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+        pending = [task for task in pending if not task.done()]
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _read(path: str, what: str) -> bytes:
@@ -222,9 +247,8 @@ async def create_server(
         maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
         interceptors=[MetricsInterceptor(metrics)],
     )
-    # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
-    spend_pb2_grpc.add_SpendServiceServicer_to_server(SpendServicer(core, auth, metrics), server)  # type: ignore[no-untyped-call]
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, store, auth, clock), server)  # type: ignore[no-untyped-call]
+    add_guarded(server, spend_pb2_grpc.add_SpendServiceServicer_to_server, SpendServicer(core, auth, metrics))
+    add_guarded(server, admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(admin, store, auth, clock))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

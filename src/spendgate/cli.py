@@ -699,3 +699,23 @@ def token_revoke(context: click.Context, token_id: str) -> None:
     with _tokens(context) as tokens:
         info = _call(lambda: tokens.revoke_token(token_id))
     console.print(f"revoked {info.token_id} ({info.role} for {info.scope_node_id})", highlight=False)
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def bench(context: click.Context, arguments: tuple[str, ...]) -> None:
+    """Load-test a server and measure this machine's ceilings (spendgate bench --help for the options)."""
+    from spendgate.bench.command import main as bench_main
+
+    # The harness parses its own options; --target and --token given before `bench` count as its own.
+    root = context.find_root()
+    forwarded = [
+        f"--{name}={root.params[name]}"
+        for name in ("target", "token")
+        if root.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    bench_main([*forwarded, *arguments], prog_name="spendgate bench")

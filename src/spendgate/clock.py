@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -41,3 +42,15 @@ class ManualClock:
     def set(self, now_ms: int) -> None:
         """Move the clock to an absolute time (forward only)."""
         self.advance(now_ms - self._now_ms)
+
+
+async def pause(seconds: float) -> None:
+    """Sleep between rounds of a background loop, unless the loop's task is being cancelled.
+
+    A loop that swallows errors of one round (an outage, say) can also swallow a cancellation that a library
+    turned into another exception; checking here makes every background loop stop when told to.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    await asyncio.sleep(seconds)

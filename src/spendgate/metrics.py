@@ -9,16 +9,18 @@ fleet of 100,000 wallets does not become 100,000 x 4 series.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from spendgate.clock import pause
 from spendgate.domain import AuthorizeResult, SpendgateError
 from spendgate.store.protocol import AdminStore
 
@@ -35,6 +37,8 @@ class Metrics:
     def __init__(self, nodes_max: int = 1000) -> None:
         self.registry = CollectorRegistry()
         self.nodes_max = nodes_max
+        # The /metrics HTTP server and its thread, while it runs.
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.rpc_seconds = Histogram(
             "spendgate_rpc_duration_seconds",
             "Server-side RPC latency.",
@@ -90,8 +94,17 @@ class Metrics:
         self.decisions.labels(result.decision.name.lower(), result.deny_reason.name.lower()).inc()
 
     def serve_http(self, host: str, port: int) -> None:
-        """Expose /metrics on an HTTP port (in a thread of its own)."""
-        start_http_server(port, addr=host, registry=self.registry)
+        """Expose /metrics on an HTTP port (in a thread of its own) until :meth:`stop_http`."""
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+
+    def stop_http(self) -> None:
+        """Stop the /metrics endpoint, if it runs, and free its port."""
+        if self._http is not None:
+            server, thread = self._http
+            self._http = None
+            server.shutdown()
+            server.server_close()
+            thread.join()
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -138,7 +151,7 @@ async def collect_forever(
     while True:
         with contextlib.suppress(SpendgateError):
             await collect_once(metrics, store, budgets)
-        await asyncio.sleep(interval_s)
+        await pause(interval_s)
 
 
 async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[str], Awaitable[Any]]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import redis.exceptions
 
+from spendgate.clock import pause
 from spendgate.domain import SpendgateError
 from spendgate.store.redis_store import RedisStore
 
@@ -158,6 +159,6 @@ class WebhookDeliverer:
                     log.warning("webhook deliverer paused: %s", error)
                     handled = 0
                 if not handled:
-                    await asyncio.sleep(self._settings.poll_interval_s)
+                    await pause(self._settings.poll_interval_s)
         finally:
             await self._client.aclose()

@@ -13,6 +13,7 @@ from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
 from spendgate.api.auth import Authenticator
 from spendgate.api.codec import encode_authorize, encode_budget
 from spendgate.api.errors import grpc_errors, status_of
+from spendgate.api.guard import MALFORMED
 from spendgate.core import SpendCore
 from spendgate.domain import AuthorizeCommand, InvalidArgumentError, SpendgateError, check_id
 from spendgate.metrics import Metrics
@@ -64,7 +65,17 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
         slots = asyncio.Semaphore(self._stream_in_flight_max)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def decide(item: spend_pb2.AuthorizeStreamRequest) -> None:
+        async def decide(item: Any) -> None:
+            # Any: a stream item is an AuthorizeStreamRequest, or MALFORMED when its bytes did not decode.
+            if item is MALFORMED:
+                answers.put_nowait(
+                    spend_pb2.AuthorizeStreamResponse(
+                        error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                        error_message="a stream item is not a valid AuthorizeStreamRequest message",
+                    )
+                )
+                slots.release()
+                return
             try:
                 if not 1 <= len(item.request_id) <= REQUEST_ID_LENGTH_MAX:
                     raise InvalidArgumentError(f"request_id must be 1 to {REQUEST_ID_LENGTH_MAX} characters")

@@ -391,12 +391,19 @@ class LedgerWriter:
         return entries, more
 
     async def _read_new(self, *, wait: bool) -> list[_Entry]:
-        """Read new entries: block for the first, then linger up to ``linger_ms`` to fill the batch."""
+        """Read new entries: block for the first, then linger up to ``linger_ms`` to fill the batch.
+
+        XREADGROUP's COUNT applies per stream, so each stream is asked for its share of the room left (room
+        divided by streams, rounded up): a read delivers less than room + streams entries, however many
+        accounts there are. A stream that filled its share probably holds more, so the lingering reads go
+        to such streams first and without waiting; only when none is left does the writer wait for more.
+        """
         loop = asyncio.get_running_loop()
         block_ms = self._block_ms if wait else None
         if self._embedded and block_ms is not None:
             block_ms = min(block_ms, 100)
-        entries = await self._read_some(self.batch_size_max, block_ms)
+        streams = sorted(self._streams)
+        entries, hot = await self._read_some(streams, self.batch_size_max, block_ms)
         if not entries:
             return entries
         deadline = loop.time() + self._linger_ms / 1000
@@ -404,33 +411,47 @@ class LedgerWriter:
             remaining_ms = int((deadline - loop.time()) * 1000)
             if remaining_ms <= 0:
                 break
-            more = await self._read_some(self.batch_size_max - len(entries), remaining_ms)
+            room = self.batch_size_max - len(entries)
+            if hot:
+                more, hot = await self._read_some(hot, room, None)
+                if more:
+                    entries += more
+                    continue
+            more, hot = await self._read_some(streams, room, remaining_ms)
             if not more:
                 break
             entries += more
         return entries
 
-    async def _read_some(self, count: int, block_ms: int | None) -> list[_Entry]:
-        """One read over every stream. COUNT is per stream, so a read may return more than ``count``.
+    async def _read_some(
+        self, streams: Sequence[str], room: int, block_ms: int | None
+    ) -> tuple[list[_Entry], list[str]]:
+        """One read of ``streams``; return the entries and the streams that filled their share.
 
         With few streams one blocking XREADGROUP covers them all. With more than ``streams_per_read_max``
         a blocking read on one group of streams would sleep while another has entries, so the groups are
         read without blocking, in turn, and an empty round sleeps instead.
         """
-        chunks = self._stream_chunks()
-        if len(chunks) == 1:
-            return await self._xreadgroup(chunks[0], ">", count, block_ms or None)
+        share = -(-room // len(streams))
+        size = self._streams_per_read_max
+        chunks = [streams[i : i + size] for i in range(0, len(streams), size)]
         entries: list[_Entry] = []
-        for index in range(len(chunks)):
-            chunk = chunks[(self._read_offset + index) % len(chunks)]
-            entries += await self._xreadgroup(chunk, ">", count - len(entries), None)
-            if len(entries) >= count:
-                break
-        # Start with the next group next time, so one busy group cannot starve the others.
-        self._read_offset = (self._read_offset + 1) % len(chunks)
-        if not entries and block_ms:
-            await self._sleep_unless_stopping(min(block_ms, max(self._linger_ms, 10)) / 1000)
-        return entries
+        if len(chunks) == 1:
+            entries = await self._xreadgroup(chunks[0], ">", share, block_ms or None)
+        else:
+            for index in range(len(chunks)):
+                chunk = chunks[(self._read_offset + index) % len(chunks)]
+                entries += await self._xreadgroup(chunk, ">", share, None)
+                if len(entries) >= room:
+                    break
+            # Start with the next group next time, so one busy group cannot starve the others.
+            self._read_offset = (self._read_offset + 1) % len(chunks)
+            if not entries and block_ms:
+                await self._sleep_unless_stopping(min(block_ms, max(self._linger_ms, 10)) / 1000)
+        delivered: dict[str, int] = {}
+        for entry in entries:
+            delivered[entry.stream] = delivered.get(entry.stream, 0) + 1
+        return entries, sorted(stream for stream, count in delivered.items() if count >= share)
 
     # ------------------------------------------------------------------------------------------------
     # Writing.

@@ -235,6 +235,11 @@ class RedisStore:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 return await coroutine
         except _OUTAGES as error:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Python 3.11's asyncio.timeout can turn a cancellation that races its deadline into a
+                # TimeoutError; a task being cancelled must stop, not see an outage and carry on.
+                raise asyncio.CancelledError from error
             if self._on_outage is not None:
                 self._on_outage()
             raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error

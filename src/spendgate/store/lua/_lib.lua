@@ -208,11 +208,12 @@ local function breaker_step(stream_key, length_max, node, minute, amount_str, no
     fields[#fields + 1] = 'rb:' .. s
   end
   local ring = redis.call('HMGET', node.key, unpack(fields))
-  local recent, trailing = 0, 0
+  local recent, trailing, oldest_back = 0, 0, 0
   for back = 0, size - 1 do
     local m = minute - back
     local s = m % size
     if ring[2 * s + 1] == int_str(m) then
+      oldest_back = back
       if back < recent_n then
         recent = recent + num(ring[2 * s + 2])
       else
@@ -220,9 +221,13 @@ local function breaker_step(stream_key, length_max, node, minute, amount_str, no
       end
     end
   end
-  -- Without trailing spend there is no baseline to compare with; a node needs some history to trip.
-  local average = trailing / trailing_n * recent_n
-  if trailing > 0 and recent >= min_spend and recent > multiplier * average then
+  -- Without trailing spend there is no baseline to compare with; a node needs some history to trip. The
+  -- average is taken over the trailing minutes the ring has seen: a node that started spending (or came back
+  -- from a pause) a few minutes ago has no history before that, which is not the same as spending nothing.
+  if trailing == 0 then return end
+  local observed = math.min(trailing_n, oldest_back - recent_n + 1)
+  local average = trailing / observed * recent_n
+  if recent >= min_spend and recent > multiplier * average then
     local reason = string.format('breaker: spent %s micros in %d min, over %s x the trailing average of %s',
       int_str(recent), recent_n, tostring(multiplier), int_str(math.floor(average)))
     freeze_node(stream_key, length_max, node.key, node.id, reason, now_ms)

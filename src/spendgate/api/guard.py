@@ -1,0 +1,81 @@
+"""Registration of servicers behind a guard against bytes that are not a valid request.
+
+Such a request is refused with INVALID_ARGUMENT, which says what is wrong, instead of grpc's default UNKNOWN
+from a decode error deep in the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+
+class _Malformed:
+    """Stands in for a request that could not be decoded."""
+
+
+MALFORMED = _Malformed()
+_MESSAGE = "the request is not a valid {} message: check that the client uses spendgate's protos"
+
+
+def _safe(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError):
+            return MALFORMED
+
+    return deserialize
+
+
+def _guard(name: str, handler: Any) -> Any:
+    message = _MESSAGE.format(name)
+    if handler.unary_unary is not None:
+        inner_unary = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if request is MALFORMED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return await inner_unary(request, context)
+
+        return handler._replace(request_deserializer=_safe(handler.request_deserializer), unary_unary=unary_unary)
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if request is MALFORMED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            async for item in inner_stream(request, context):
+                yield item
+
+        return handler._replace(request_deserializer=_safe(handler.request_deserializer), unary_stream=unary_stream)
+    # Streaming requests are checked item by item by the servicer (an answer per malformed item).
+    return handler._replace(request_deserializer=_safe(handler.request_deserializer))
+
+
+class _Capture:
+    """A stand-in server that captures what generated ``add_*_to_server`` functions register."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the registered handlers carry the same methods."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Keep the handlers to guard them."""
+        self.service, self.handlers = service, handlers
+
+
+def add_guarded(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: Any) -> None:
+    """Register ``servicer`` with the generated function ``add``, its handlers guarded against bad bytes."""
+    capture = _Capture()
+    add(servicer, capture)
+    handlers = {method: _guard(method, handler) for method, handler in capture.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    # grpcio has had this method since 1.63; the type stubs predate it.
+    server.add_registered_method_handlers(capture.service, handlers)  # type: ignore[attr-defined]

@@ -1,0 +1,211 @@
+"""The printed report (rich tables) and the ``--json`` file."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from rich.console import Console
+from rich.table import Table
+
+from spendgate.bench.runner import EMPTY_PHASES, BenchReport
+from spendgate.bench.stats import PhaseResult, latency_summary
+
+# Which ceiling each phase is a fraction of.
+_CEILING_OF = {
+    "unary": "empty-unary",
+    "unary-half": "empty-unary",
+    "exhaust": "empty-unary",
+    "empty-unary-metrics": "empty-unary",
+    "stream": "empty-stream",
+    "redis-pipelined": "redis",
+}
+
+
+# Below this many nodes Redis's own overhead drowns the memory per node; the figure is not printed.
+SMALL_FLEET_NODES_MAX = 1000
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _megabytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1_048_576:.1f} MB"
+
+
+def phase_table(report: BenchReport) -> Table:
+    """Throughput, latency and CPU per phase."""
+    table = Table(title="Throughput and latency (measured window; latency in ms)", title_justify="left")
+    for column in ("phase", "calls/s", "of ceiling", "p50", "p90", "p99", "p99.9", "max", "errors"):
+        table.add_column(column, justify="left" if column == "phase" else "right", no_wrap=True)
+    for column in ("gen cores", "server cores", "redis cores", "other cores"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for name, result in report.phases.items():
+        latency = latency_summary(result.histogram)
+        ceiling_name = _CEILING_OF.get(name)
+        ceiling = report.throughput(ceiling_name) if ceiling_name else None
+        share = f"{100 * result.throughput / ceiling:.0f}% {ceiling_name}" if ceiling and result.calls else ""
+        if name == "redis-pipelined" and ceiling and result.calls:
+            share = f"{result.throughput / ceiling:.1f}x redis"
+        label = f"[bold]{name}[/]" if name not in EMPTY_PHASES else name
+        if result.rate_target:
+            label += f" @{result.rate_target:,.0f}/s"
+        table.add_row(
+            label,
+            f"{result.throughput:,.0f}",
+            share,
+            _ms(latency["p50_ms"]),
+            _ms(latency["p90_ms"]),
+            _ms(latency["p99_ms"]),
+            _ms(latency["p99.9_ms"]),
+            _ms(latency["max_ms"]),
+            f"{sum(result.errors.values()):,}" if result.errors else "0",
+            _cores(result.cores(result.generator_cpu_s)),
+            _cores(result.cores(result.server_cpu_s)),
+            _cores(result.cores(result.redis_cpu_s)),
+            _cores(result.cores(result.other_cpu_s)),
+        )
+    return table
+
+
+def decisions_table(report: BenchReport) -> Table | None:
+    """Decisions by reason per phase (phases that decide nothing are left out)."""
+    phases = {name: result for name, result in report.phases.items() if result.decisions and name not in EMPTY_PHASES}
+    if not phases:
+        return None
+    labels = sorted(
+        {label for result in phases.values() for label in result.decisions}, key=lambda x: (x != "approved", x)
+    )
+    table = Table(title="Decisions in the measured window", title_justify="left")
+    table.add_column("phase")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for name, result in phases.items():
+        table.add_row(name, *(f"{result.decisions.get(label, 0):,}" for label in labels))
+    return table
+
+
+def errors_table(report: BenchReport) -> Table | None:
+    """Errors by status code per phase, over the whole phase."""
+    rows = [
+        (name, code, count) for name, result in report.phases.items() for code, count in sorted(result.errors.items())
+    ]
+    if not rows:
+        return None
+    table = Table(title="Errors by status (whole phase)", title_justify="left")
+    for column in ("phase", "status", "count"):
+        table.add_column(column, justify="right" if column == "count" else "left")
+    for name, code, count in rows:
+        table.add_row(name, code, f"{count:,}")
+    return table
+
+
+def _capture_line(result: PhaseResult) -> str:
+    latency = latency_summary(result.capture_histogram)
+    return (
+        f"{result.name}: {result.captures / result.window_s:,.0f} captures/s, p50 {_ms(latency['p50_ms'])} ms, "
+        f"p99 {_ms(latency['p99_ms'])} ms"
+    )
+
+
+def print_report(report: BenchReport, console: Console) -> None:
+    """Print the whole report."""
+    system = report.system
+    options = report.options
+    fleet = system.get("fleet", {})
+    console.print()
+    console.print(
+        f"[bold]spendgate bench[/]: {system.get('mode')} server"
+        + (f" {system['target']}" if "target" in system else "")
+        + f", fleet {fleet.get('source')} ({fleet.get('accounts')} accounts, {fleet.get('pools')} pools, "
+        f"{fleet.get('wallets'):,} wallets), {options.processes} generator processes, "
+        f"{options.duration_s:g} s per phase after {options.warmup_s:g} s warm-up, "
+        f"{system.get('machine', {}).get('cpus')} CPUs",
+        highlight=False,
+    )
+    console.print(phase_table(report))
+    for table in (decisions_table(report), errors_table(report)):
+        if table is not None:
+            console.print(table)
+    for result in report.phases.values():
+        if result.captures:
+            console.print(f"  captures: {_capture_line(result)}", highlight=False)
+        if result.late_starts:
+            console.print(
+                f"  [yellow]{result.name}: {result.late_starts:,} calls started over 1 ms late: the generator or "
+                "the machine fell behind the schedule[/]",
+                highlight=False,
+            )
+    for name, why in report.skipped.items():
+        console.print(f"  skipped {name}: {why}", highlight=False)
+    ratios = report.ratios()
+    headline = []
+    if ratios["unary_vs_empty_unary_pct"] is not None:
+        headline.append(
+            f"unary Authorize = [bold]{ratios['unary_vs_empty_unary_pct']:.0f}%[/] of the empty-handler ceiling"
+        )
+    if ratios["stream_vs_unary_x"] is not None:
+        headline.append(f"stream = [bold]{ratios['stream_vs_unary_x']:.1f}x[/] unary")
+    if ratios["stream_vs_empty_stream_pct"] is not None:
+        headline.append(f"{ratios['stream_vs_empty_stream_pct']:.0f}% of the empty stream")
+    half = report.phases.get("unary-half")
+    if half is not None and half.calls:
+        headline.append(f"p99 at half load {_ms(latency_summary(half.histogram)['p99_ms'])} ms")
+    if headline:
+        console.print("  " + "; ".join(headline), highlight=False)
+    generator = [
+        f"{name} {result.generator_cpu_s:.1f} CPU-s over {result.window_s:g} s"
+        for name, result in report.phases.items()
+        if result.generator_cpu_s
+    ]
+    if generator:
+        console.print("  load generator CPU: " + ", ".join(generator), highlight=False)
+    memory = []
+    if "server_start_s" in system:
+        memory.append(f"server serving {system['server_start_s']:.1f} s after start")
+    if "plan_apply_s" in system:
+        memory.append(f"plans applied in {system['plan_apply_s']:.1f} s")
+    if "server_rss_bytes" in system:
+        memory.append(f"server RSS {_megabytes(system['server_rss_bytes'])}")
+    if "redis_bytes_per_node" in system and fleet.get("nodes", 0) >= SMALL_FLEET_NODES_MAX:
+        memory.append(f"Redis {system['redis_bytes_per_node']:,.0f} bytes per idle node")
+    if memory:
+        console.print("  " + ", ".join(memory), highlight=False)
+    for note in report.notes:
+        console.print(f"  note: {note}", highlight=False)
+    check = report.check
+    if check is not None:
+        if check.limits_ok:
+            console.print(
+                f"[bold green]PASS[/] no limit exceeded: {check.nodes_checked:,} nodes, "
+                f"{check.windows_checked:,} limited windows checked with GetBudget",
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"[bold red]FAIL[/] {len(check.violations)} limit(s) exceeded, {len(check.errors)} node(s) unreadable",
+                highlight=False,
+            )
+            for line in (check.violations + check.errors)[:20]:
+                console.print(f"  {line}", highlight=False)
+        money = check.money_ok
+        if money is not None:
+            colour, verdict = ("green", "PASS") if money else ("red", "FAIL")
+            console.print(
+                f"[bold {colour}]{verdict}[/] money accounted for: approved {check.approved_micros:,} micros, wallets' "
+                f"spent + held grew {check.spent_held_delta_micros:,} micros"
+                + (f" (up to {check.unknown_micros_max:,} more from failed calls)" if check.unknown_micros_max else ""),
+                highlight=False,
+            )
+    if system.get("profiles"):
+        console.print("  py-spy flame graphs: " + ", ".join(system["profiles"].values()), highlight=False)
+
+
+def write_json(report: BenchReport, path: str) -> None:
+    """Write every figure to ``path`` as JSON."""
+    pathlib.Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
