@@ -76,10 +76,8 @@ def build_store(settings: Settings, client: aioredis.Redis | None = None, metric
     return RedisStore(
         client,
         keys=Keys(settings.key_prefix),
-        # The embedded store cannot be "down"; its deadline only has to cover a burst queued in-process.
-        timeout_s=settings.redis_timeout_s
-        if not settings.embedded
-        else max(settings.redis_timeout_s, EMBEDDED_TIMEOUT_S),
+        # The in-process store cannot be "down"; its deadline only has to cover a burst queued in-process.
+        timeout_s=max(settings.redis_timeout_s, EMBEDDED_TIMEOUT_S) if in_process else settings.redis_timeout_s,
         hold_ttl_ms=int(settings.hold_ttl_s * 1000),
         idempotency_ttl_ms=int(settings.idempotency_ttl_s * 1000),
         retention_ms=int(settings.hold_retention_s * 1000),
