@@ -279,7 +279,11 @@ class RedisStore:
         reply = await self._run("resolve", [self.keys.node(account_id, wallet_id)], [])
         if reply[0] == "ERR":
             if reply[1] == "NOT_A_WALLET":
-                raise InvalidArgumentError(f"{wallet_id!r} is a {reply[2]}, not a wallet: agents spend from wallets")
+                kind = str(reply[2])
+                article = "an" if kind[:1] in ("a", "e", "i", "o", "u") else "a"
+                raise InvalidArgumentError(
+                    f"{wallet_id!r} is {article} {kind}, not a wallet: agents spend from wallets"
+                )
             raise NotFoundError(f"no wallet {wallet_id!r}")
         count = int(reply[4])
         node_ids = tuple(str(reply[5 + 2 * i]) for i in range(count))

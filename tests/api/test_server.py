@@ -1,0 +1,167 @@
+"""The server as stock gRPC tools and operators see it: health, reflection, graceful shutdown, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import signal
+import time
+from typing import Any
+
+import fakeredis
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from helpers import free_port
+from spendgate import AsyncClient
+from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
+from spendgate.app import create_server
+from spendgate.clock import ManualClock
+from spendgate.settings import Settings
+
+from .support import (
+    CALL_TIMEOUT_S,
+    FLEET,
+    HOLD_TTL_S,
+    SPENDGATE,
+    USD,
+    WALLET,
+    Gate,
+    authorize_request,
+    clean_env,
+    eventually,
+    rpc_error,
+)
+
+SPEND_SERVICE = "spendgate.v1.SpendService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+async def health_status(channel: grpc.aio.Channel, service: str) -> Any:
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return response.status
+
+
+async def test_health_check_says_serving(gate: Gate) -> None:
+    assert await health_status(gate.channel, "") == SERVING
+
+    async def spend_service_serving() -> bool:
+        return bool(await health_status(gate.channel, SPEND_SERVICE) == SERVING)
+
+    # The service's own status is set by the server's first probe of its store.
+    await eventually(spend_service_serving, what="spendgate.v1.SpendService to be SERVING")
+
+
+@pytest.mark.parametrize("backend_kind", ["fakeredis"])
+async def test_reflection_describes_the_spend_service(gate: Gate) -> None:
+    def describe() -> tuple[list[str], list[str], str]:
+        with grpc.insecure_channel(gate.address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = list(database.get_services())
+            service = DescriptorPool(database).FindServiceByName(SPEND_SERVICE)
+            authorize = service.methods_by_name["Authorize"]
+            return services, sorted(service.methods_by_name), authorize.input_type.full_name
+
+    services, methods, authorize_input = await asyncio.to_thread(describe)
+
+    assert SPEND_SERVICE in services
+    assert "grpc.health.v1.Health" in services
+    assert {"Authorize", "Capture", "Void", "GetBudget"} <= set(methods)
+    assert authorize_input == "spendgate.v1.AuthorizeRequest"
+
+
+async def test_an_in_flight_call_completes_during_graceful_shutdown(clock: ManualClock, key_prefix: str) -> None:
+    settings = Settings(port=0, plan=str(FLEET), key_prefix=key_prefix, hold_ttl_s=HOLD_TTL_S)
+    server = await create_server(settings, clock=clock, client=fakeredis.FakeAsyncRedis(decode_responses=True))
+    await server.start()
+    # Hold the call inside the server until the shutdown has begun.
+    entered, release = asyncio.Event(), asyncio.Event()
+    authorize = server.core.authorize
+
+    async def slow_authorize(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await authorize(*args, **kwargs)
+
+    server.core.authorize = slow_authorize  # type: ignore[method-assign]
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = spend_pb2_grpc.SpendServiceStub(channel)
+            call = asyncio.ensure_future(stub.Authorize(authorize_request(), timeout=CALL_TIMEOUT_S))
+            await asyncio.wait_for(entered.wait(), CALL_TIMEOUT_S)
+
+            stopping = asyncio.create_task(server.stop(grace_s=CALL_TIMEOUT_S))
+            await asyncio.sleep(0.2)
+            assert not stopping.done(), "the shutdown should wait for the call in flight"
+            # A call that arrives during the shutdown is turned away.
+            late = await rpc_error(stub.Authorize(authorize_request(idempotency_key="late"), timeout=CALL_TIMEOUT_S))
+            assert late.code() == grpc.StatusCode.UNAVAILABLE
+            release.set()
+
+            response = await call
+            await asyncio.wait_for(stopping, CALL_TIMEOUT_S)
+    finally:
+        release.set()
+        if stopping is None:
+            await server.stop(grace_s=0)
+
+    assert response.decision == spend_pb2.DECISION_APPROVED
+    assert response.hold_state == spend_pb2.HOLD_STATE_HELD
+
+
+async def test_spendgate_serve_answers_then_exits_cleanly_on_sigterm(tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    root_token = "sg_test-root-token-for-this-test-only"  # noqa: S105 - a throwaway token of this test's server
+    env = clean_env() | {"SPENDGATE_ADMIN_TOKEN": root_token, "SPENDGATE_DATA_DIR": str(tmp_path / "data")}
+    process = await asyncio.create_subprocess_exec(
+        str(SPENDGATE),
+        "serve",
+        "--port",
+        str(port),
+        "--plan",
+        str(FLEET),
+        "--log-format",
+        "text",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+
+            async def serving() -> bool:
+                if process.returncode is not None:
+                    pytest.fail(f"spendgate serve exited early with {process.returncode}")
+                return bool(await health_status(channel, SPEND_SERVICE) == SERVING)
+
+            await eventually(serving, timeout_s=30, what="spendgate serve to answer health checks")
+            async with AsyncClient(address, token=root_token, timeout_s=CALL_TIMEOUT_S) as client:
+                result = await client.authorize(WALLET, USD // 4)
+                assert result.approved
+                assert (await client.get_budget(WALLET)).windows[0].held_micros == USD // 4
+
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=15)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    # Generous: the point is that it exits by itself, not how fast.
+    assert time.monotonic() - started < 10
+    assert process.returncode == 0, stderr.decode()
+    log = stderr.decode()
+    assert "shutting down" in log
+    assert "stopped" in log
+    assert "auth is on" in stdout.decode()
