@@ -78,6 +78,14 @@ class AuditLog(Protocol):
         ...
 
 
+class ConfigLog(Protocol):
+    """Where every version of an account's configuration is kept (the ledger), for history and rebuilds."""
+
+    async def record_config(self, plan: AccountPlan, *, actor: str, at_ms: int) -> int:
+        """Record the account's whole configuration after a change; return its version."""
+        ...
+
+
 class NoAuditLog:
     """An audit log that keeps nothing (for tests and for a server without a ledger)."""
 
@@ -172,11 +180,27 @@ def subtree(plan: AccountPlan, root_id: str) -> list[NodeSpec]:
 class AdminCore:
     """Shape the hierarchy, freeze nodes and report the tree."""
 
-    def __init__(self, store: AdminStore, spend: SpendCore, clock: Clock, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        store: AdminStore,
+        spend: SpendCore,
+        clock: Clock,
+        audit: AuditLog | None = None,
+        config_log: ConfigLog | None = None,
+    ) -> None:
         self.store = store
         self._spend = spend
         self._clock = clock
         self._audit: AuditLog = audit or NoAuditLog()
+        self._config_log = config_log
+
+    async def _record_config(self, account_id: str, actor: str) -> None:
+        """Keep the account's configuration as it is now in the configuration history."""
+        if self._config_log is None:
+            return
+        plan = await self.store.read_plan(account_id)
+        if plan is not None:
+            await self._config_log.record_config(plan, actor=actor, at_ms=self._clock.now_ms())
 
     async def _record(
         self,
@@ -299,6 +323,7 @@ class AdminCore:
                 change.after,
                 f"plan {change.kind.name.lower()} {change.node_id}",
             )
+        await self._record_config(plan.account_id, actor)
         return changes
 
     # ------------------------------------------------------------------------------------------------
@@ -318,6 +343,7 @@ class AdminCore:
             updated,
             f"limits of {node_id}: {describe_node(updated, plan.currency)}",
         )
+        await self._record_config(plan.account_id, actor)
         return await self._spend.get_budget(node_id)
 
     async def create_node(
@@ -337,6 +363,7 @@ class AdminCore:
         await self._record(
             actor, "node.create", plan.account_id, node_id, None, node, f"created {describe_node(node, plan.currency)}"
         )
+        await self._record_config(plan.account_id, actor)
         return await self._spend.get_budget(node_id)
 
     async def move_node(self, node_id: str, new_parent_id: str, *, force: bool = False, actor: str = "") -> NodeBudget:
@@ -367,6 +394,7 @@ class AdminCore:
             moved,
             f"moved {node_id} from {node.parent_id} to {new_parent_id}",
         )
+        await self._record_config(plan.account_id, actor)
         return await self._spend.get_budget(node_id)
 
     async def delete_node(self, node_id: str, *, force: bool = False, actor: str = "") -> list[str]:
@@ -391,6 +419,7 @@ class AdminCore:
                 None,
                 f"deleted {doomed_node.node_id}",
             )
+        await self._record_config(plan.account_id, actor)
         return [n.node_id for n in doomed]
 
     # ------------------------------------------------------------------------------------------------
@@ -412,6 +441,7 @@ class AdminCore:
             after=node_record(dataclasses.replace(node, frozen_reason=reason)),
             at_ms=self._clock.now_ms(),
         )
+        await self._record_config(plan.account_id, actor)
         return voided, released
 
     async def unfreeze(self, node_id: str, *, actor: str = "") -> bool:
@@ -428,6 +458,7 @@ class AdminCore:
             after=node_record(dataclasses.replace(node, frozen_reason="")),
             at_ms=self._clock.now_ms(),
         )
+        await self._record_config(plan.account_id, actor)
         return was_frozen
 
     async def audit_token(self, actor: str, action: str, record: TokenRecord) -> None:

@@ -18,15 +18,30 @@ from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, spend_pb2_grpc
+from spendgate._gen.spendgate.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
+    spend_pb2,
+    spend_pb2_grpc,
+)
 from spendgate.admin import AdminCore
 from spendgate.api.admin import AdminServicer
 from spendgate.api.auth import Authenticator, issue_token, new_secret
+from spendgate.api.billing import BillingServicer
 from spendgate.api.guard import add_guarded
 from spendgate.api.spend import SpendServicer
 from spendgate.clock import Clock, SystemClock, pause
 from spendgate.core import SpendCore
-from spendgate.domain import InvalidArgumentError, NodeKind, SpendgateError
+from spendgate.domain import InvalidArgumentError, NodeKind, SpendgateError, UnavailableError
+from spendgate.ledger import LedgerSink, LedgerWriter, open_ledger, read_outbox
+from spendgate.ledger.reconcile import (
+    ReconcileReport,
+    missing_account_report,
+    rebuild_account,
+    reconcile_account,
+)
 from spendgate.metrics import Metrics, MetricsInterceptor, collect_forever
 from spendgate.plan import load_plan
 from spendgate.settings import Settings
@@ -38,6 +53,7 @@ log = logging.getLogger("spendgate")
 
 SPEND_SERVICE = spend_pb2.DESCRIPTOR.services_by_name["SpendService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 HEALTH_PROBE_INTERVAL_S = 1.0
 EMBEDDED_TIMEOUT_S = 10.0
 
@@ -73,7 +89,7 @@ def build_store(settings: Settings, client: aioredis.Redis | None = None, metric
     """Return the store for the settings."""
     client = client if client is not None else redis_client(settings)
     in_process = type(client).__module__.startswith("fakeredis")
-    return RedisStore(
+    store = RedisStore(
         client,
         keys=Keys(settings.key_prefix),
         # The in-process store cannot be "down"; its deadline only has to cover a burst queued in-process.
@@ -85,6 +101,8 @@ def build_store(settings: Settings, client: aioredis.Redis | None = None, metric
         alert_percents=settings.alert_percent_list,
         holds_per_wallet_max=settings.holds_per_wallet_max,
     )
+    store.in_process = in_process
+    return store
 
 
 class SpendgateServer:
@@ -95,6 +113,7 @@ class SpendgateServer:
         settings: Settings,
         core: SpendCore,
         admin: AdminCore,
+        ledger: LedgerSink | None,
         store: RedisStore,
         metrics: Metrics,
         server: grpc.aio.Server,
@@ -104,6 +123,8 @@ class SpendgateServer:
         self.settings = settings
         self.core = core
         self.admin = admin
+        self.ledger = ledger
+        self._writers: list[LedgerWriter] = []
         self.store = store
         # The root token in force (generated at start when the settings gave none); empty with auth off.
         self.root_token = ""
@@ -140,12 +161,46 @@ class SpendgateServer:
             self._tasks.append(asyncio.create_task(deliverer.run_forever(), name="webhooks"))
         if self.settings.metrics_port:
             self.metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port)
+        if self.ledger is not None:
+            consumer = self.settings.ledger_consumer or f"{socket.gethostname()}-{os.getpid()}"
+            for index in range(self.settings.ledger_writers):
+                writer = LedgerWriter(
+                    self._writer_client(),
+                    self.ledger,
+                    keys=self.store.keys,
+                    consumer=f"{consumer}-{index}",
+                    clock=self.core.clock,
+                    batch_size_max=self.settings.ledger_batch_size_max,
+                    linger_ms=self.settings.ledger_linger_ms,
+                )
+                self._writers.append(writer)
+                self._tasks.append(asyncio.create_task(writer.run(), name=f"ledger-writer-{index}"))
+
+    def _writer_client(self) -> aioredis.Redis:
+        """The writers block on the outbox for up to a second: they need a client with a longer timeout."""
+        if self.settings.embedded or self.store.in_process:
+            return self.store.client
+        return aioredis.Redis.from_url(
+            self.settings.redis_url,
+            decode_responses=True,
+            socket_timeout=10.0,
+            socket_connect_timeout=self.settings.redis_timeout_s,
+        )
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish within the grace period, then stop the tasks."""
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self._server.stop(grace)
+        for writer in self._writers:
+            writer.stop()
+        if self._writers:
+            # What was settled before the stop reaches the ledger now; an embedded store would lose it.
+            with contextlib.suppress(SpendgateError):
+                await self._writers[0].drain(timeout_s=max(grace, 1.0))
         await cancel_all(self._tasks)
+        if self.ledger is not None:
+            await self.ledger.close()
         # The endpoint's thread would otherwise serve (and hold the port) for as long as the process lives.
         await asyncio.to_thread(self.metrics.stop_http)
         await self.core.store.close()
@@ -214,6 +269,21 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
+async def _prepare_ledger(ledger: LedgerSink, store: RedisStore, clock: Clock, *, restore: bool) -> None:
+    """Migrate the ledger; for an in-process store, restore every account's tree and counters from it."""
+    try:
+        version = await ledger.migrate()
+    except UnavailableError as error:
+        # The hot path does not need the ledger: settled money waits in the outbox until it is back.
+        log.warning("ledger unavailable at start (%s); the outbox will hold settled money until it is back", error)
+        return
+    log.info("ledger schema at version %d", version)
+    if restore:
+        for plan in await ledger.latest_plans():
+            restored = await rebuild_account(store, ledger, plan, now_ms=clock.now_ms())
+            log.info("restored account %s from the ledger (%d window counters)", plan.account_id, len(restored))
+
+
 async def create_server(
     settings: Settings, *, clock: Clock | None = None, client: aioredis.Redis | None = None
 ) -> SpendgateServer:
@@ -222,7 +292,10 @@ async def create_server(
     store = build_store(settings, client, metrics)
     clock = clock or SystemClock()
     core = SpendCore(store, clock)
-    admin = AdminCore(store, core, clock)
+    ledger = open_ledger(settings.database_url, data_dir=settings.data_dir) if settings.ledger else None
+    if ledger is not None:
+        await _prepare_ledger(ledger, store, clock, restore=store.in_process)
+    admin = AdminCore(store, core, clock, audit=ledger, config_log=ledger)
     root_token = settings.admin_token or (new_secret() if settings.auth else "")
     auth = Authenticator(store, enabled=settings.auth, root_token=root_token)
     if settings.plan:
@@ -247,6 +320,16 @@ async def create_server(
     )
     add_guarded(server, spend_pb2_grpc.add_SpendServiceServicer_to_server, SpendServicer(core, auth, metrics))
     add_guarded(server, admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(admin, store, auth, clock))
+    services = [SPEND_SERVICE, ADMIN_SERVICE]
+    if ledger is not None:
+        # Lag is read by a writer object over the store's client; it never blocks, so it needs no client of its own.
+        lag_reader = LedgerWriter(store.client, ledger, keys=store.keys, clock=clock)
+        add_guarded(
+            server,
+            billing_pb2_grpc.add_BillingServiceServicer_to_server,
+            BillingServicer(ledger, store, auth, lag_reader),
+        )
+        services.append(BILLING_SERVICE)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -267,7 +350,7 @@ async def create_server(
     if settings.unix_socket:
         # A unix socket is reachable only through the file system's permissions; it stays plaintext.
         server.add_insecure_port(f"unix:{settings.unix_socket}")
-    spendgate_server = SpendgateServer(settings, core, admin, store, metrics, server, health, port)
+    spendgate_server = SpendgateServer(settings, core, admin, ledger, store, metrics, server, health, port)
     spendgate_server.root_token = root_token
     return spendgate_server
 
@@ -338,3 +421,86 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: finishing in-flight calls (up to %.0f s)", settings.shutdown_grace_s)
     await server.stop()
     log.info("stopped")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Operator tools that work on a deployment's Redis and database directly (the CLI's ledger commands).
+
+
+async def _direct(settings: Settings) -> tuple[RedisStore, LedgerSink]:
+    store = build_store(settings)
+    ledger = open_ledger(settings.database_url, data_dir=settings.data_dir)
+    await ledger.migrate()
+    return store, ledger
+
+
+async def run_ledger_writers(settings: Settings, *, writers: int, consumer: str, once: bool) -> int:
+    """Run writer loops until SIGTERM/SIGINT (or, with ``once``, drain the outboxes and return the count)."""
+    store, ledger = await _direct(settings)
+    name = consumer or f"{socket.gethostname()}-{os.getpid()}"
+    loops = [
+        LedgerWriter(
+            aioredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10.0),
+            ledger,
+            keys=store.keys,
+            consumer=f"{name}-{index}",
+            batch_size_max=settings.ledger_batch_size_max,
+            linger_ms=settings.ledger_linger_ms,
+        )
+        for index in range(max(1, writers))
+    ]
+    try:
+        if once:
+            return await loops[0].drain(timeout_s=settings.shutdown_grace_s * 6)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        tasks = [asyncio.create_task(writer.run(), name=f"ledger-writer-{i}") for i, writer in enumerate(loops)]
+        log.info("%d ledger writer(s) running as %s", len(loops), name)
+        await stop.wait()
+        for writer in loops:
+            writer.stop()
+        await cancel_all(tasks)
+        return sum(writer.stats.inserted for writer in loops)
+    finally:
+        await ledger.close()
+        await store.close()
+
+
+async def reconcile_accounts(settings: Settings, account_id: str = "") -> list[ReconcileReport]:
+    """Compare every account's (or one account's) counters with the ledger plus its outbox."""
+    store, ledger = await _direct(settings)
+    try:
+        known = {plan.account_id: plan for plan in await ledger.latest_plans()}
+        accounts = [account_id] if account_id else sorted({*await store.account_ids(), *known})
+        reports = []
+        now_ms = SystemClock().now_ms()
+        for account in accounts:
+            if await store.read_plan(account) is None and account in known:
+                # Redis lost the account (or never had it): everything the ledger counts in its windows drifted.
+                reports.append(await missing_account_report(ledger, known[account], now_ms=now_ms))
+                continue
+            outbox = await read_outbox(store.client, store.keys, account)
+            reports.append(await reconcile_account(store, ledger, account, now_ms=now_ms, outbox=outbox))
+        return reports
+    finally:
+        await ledger.close()
+        await store.close()
+
+
+async def rebuild_accounts(settings: Settings, account_id: str = "") -> list[tuple[str, int]]:
+    """Rebuild every account the ledger knows (or one) in Redis: configuration, then spent counters."""
+    store, ledger = await _direct(settings)
+    try:
+        done = []
+        for plan in await ledger.latest_plans():
+            if account_id and plan.account_id != account_id:
+                continue
+            outbox = await read_outbox(store.client, store.keys, plan.account_id)
+            restored = await rebuild_account(store, ledger, plan, now_ms=SystemClock().now_ms(), outbox=outbox)
+            done.append((plan.account_id, len(restored)))
+        return done
+    finally:
+        await ledger.close()
+        await store.close()

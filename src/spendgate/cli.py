@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spendgate.client import AdminClient, Client, Event, Tls, TokenClient
+from spendgate.client import AdminClient, BillingClient, Client, Event, Tls, TokenClient
 from spendgate.domain import (
     AuthorizeResult,
     Limits,
@@ -618,7 +618,8 @@ def watch(context: click.Context, node: str, kinds: tuple[str, ...], count: int,
     seen = 0
     with _admin(context) as admin:
         try:
-            for event in _call(lambda: admin.watch(node, kinds)):
+            # The stream's errors (an unknown node, no access) arrive while iterating, not when it is opened.
+            for event in admin.watch(node, kinds):
                 if as_json:
                     click.echo(json.dumps(_jsonable(event)))
                 else:
@@ -628,6 +629,8 @@ def watch(context: click.Context, node: str, kinds: tuple[str, ...], count: int,
                     break
         except KeyboardInterrupt:
             pass
+        except SpendgateError as error:
+            fail(f"{type(error).__name__.removesuffix('Error')}: {error}")
 
 
 def _describe_event(event: Event) -> str:
@@ -719,3 +722,263 @@ def bench(context: click.Context, arguments: tuple[str, ...]) -> None:
         if root.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
     ]
     bench_main([*forwarded, *arguments], prog_name="spendgate bench")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ledger: billing exports, reports, and the operator's recovery tools.
+
+
+def _billing(context: click.Context) -> BillingClient:
+    options = context.find_root().params
+    return BillingClient(
+        options["target"], token=options["token"], timeout_s=max(options["timeout"], 30.0), tls=_tls(options)
+    )
+
+
+def _day_ms(text: str, time_zone: str, what: str) -> int:
+    """Midnight at the start of a YYYY-MM-DD day (or YYYY-MM month) in a time zone, in ms."""
+    import datetime
+
+    from spendgate.windows import zone
+
+    try:
+        day = datetime.date.fromisoformat(text if len(text) > 7 else f"{text}-01")
+    except ValueError:
+        fail(f"{what} {text!r} is not a date: write it like 2026-11-01")
+    return int(datetime.datetime.combine(day, datetime.time(), zone(time_zone)).timestamp() * 1000)
+
+
+def _month_range(month: str, time_zone: str) -> tuple[int, int]:
+    start = _day_ms(month, time_zone, "--month")
+    year, number = (int(part) for part in month.split("-")[:2])
+    following = f"{year + number // 12}-{number % 12 + 1:02d}"
+    return start, _day_ms(following, time_zone, "--month")
+
+
+def _time_zone_of(context: click.Context, node: str) -> str:
+    with _client(context) as client:
+        return _call(lambda: client.get_budget(node)).time_zone
+
+
+@cli.command()
+@click.option("--under", "node", required=True, help="A wallet, or everything under a pool or an account.")
+@click.option("--since", default=None, help="First day (YYYY-MM-DD, the account's time zone).")
+@click.option("--until", default=None, help="Day after the last (YYYY-MM-DD).")
+@click.option("--service", default="", help="Only this service.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout (for spreadsheets and chargebacks).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def transactions(
+    context: click.Context, node: str, since: str | None, until: str | None, service: str, as_csv: bool, as_json: bool
+) -> None:
+    """List settled transactions from the ledger, oldest first."""
+    time_zone = _time_zone_of(context, node) if since or until else "UTC"
+    since_ms = _day_ms(since, time_zone, "--since") if since else 0
+    until_ms = _day_ms(until, time_zone, "--until") if until else 0
+    with _billing(context) as billing:
+        rows = _call(lambda: list(billing.transactions(node, since_ms=since_ms, until_ms=until_ms, service=service)))
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(_jsonable(row) | {"metadata": dict(row.metadata)}, sort_keys=True))
+        return
+    columns = (
+        "txn_id",
+        "captured_at",
+        "wallet_id",
+        "pool_id",
+        "account_id",
+        "service",
+        "amount",
+        "amount_micros",
+        "currency",
+        "day",
+        "month",
+        "metadata",
+    )
+    values = [
+        (
+            row.txn_id,
+            _time(row.captured_at_ms),
+            row.wallet_id,
+            row.chain[1] if len(row.chain) > 2 else "",
+            row.account_id,
+            row.service,
+            format_amount(row.amount_micros, row.currency),
+            str(row.amount_micros),
+            row.currency,
+            row.day,
+            row.month,
+            json.dumps(dict(row.metadata), sort_keys=True),
+        )
+        for row in rows
+    ]
+    if as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(values)
+        return
+    table = Table(title=f"{len(rows)} transaction(s) under {node}", title_justify="left")
+    for column in ("captured_at", "wallet_id", "service", "amount"):
+        table.add_column(column, justify="right" if column == "amount" else "left", no_wrap=True)
+    for value in values:
+        table.add_row(value[1], value[2], value[5], value[6])
+    console.print(table)
+    total = sum(row.amount_micros for row in rows)
+    console.print(f"total {format_amount(total, rows[0].currency if rows else 'USD')}", highlight=False)
+
+
+@cli.command()
+@click.option(
+    "--by",
+    "group_by",
+    type=click.Choice(["wallet", "pool", "account", "service"]),
+    default="wallet",
+    show_default=True,
+    help="What to group by.",
+)
+@click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True)
+@click.option("--month", default=None, help="Only this month (YYYY-MM, the account's time zone).")
+@click.option("--under", "node", default="", help="The subtree to report (every account you may see by default).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@click.pass_context
+def report(
+    context: click.Context, group_by: str, period: str, month: str | None, node: str, as_csv: bool, as_json: bool
+) -> None:
+    """Spend per wallet, pool, account or service, per day or month, for chargebacks."""
+    if node:
+        roots = [node]
+    else:
+        with _admin(context) as admin:
+            roots = [budget.node_id for depth, budget, _ in _call(lambda: admin.tree("")) if depth == 0]
+    lines = []
+    for root in roots:
+        since_ms, until_ms = _month_range(month, _time_zone_of(context, root)) if month else (0, 0)
+        with _billing(context) as billing:
+            lines += _call(
+                lambda root=root, since_ms=since_ms, until_ms=until_ms: billing.report(  # type: ignore[misc]
+                    root, group_by=group_by, period=period, since_ms=since_ms, until_ms=until_ms
+                )
+            )
+    if as_json:
+        click.echo(json.dumps([_jsonable(line) for line in lines], indent=2))
+        return
+    if as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(("period", group_by, "amount", "amount_micros", "currency", "transactions"))
+        for line in lines:
+            writer.writerow(
+                (
+                    line.period,
+                    line.group,
+                    format_amount(line.amount_micros, line.currency),
+                    line.amount_micros,
+                    line.currency,
+                    line.transaction_count,
+                )
+            )
+        return
+    table = Table(title=f"spend by {group_by} per {period}" + (f", {month}" if month else ""), title_justify="left")
+    for column in ("period", group_by, "amount", "transactions"):
+        table.add_column(column, justify="right" if column in ("amount", "transactions") else "left", no_wrap=True)
+    for line in lines:
+        table.add_row(
+            line.period, line.group, format_amount(line.amount_micros, line.currency), str(line.transaction_count)
+        )
+    console.print(table)
+
+
+def _direct_settings() -> Any:
+    """Settings for the operator tools that talk to Redis and the database directly."""
+    try:
+        settings = load_settings()
+    except SpendgateError as error:
+        fail(str(error))
+    if settings.embedded:
+        fail("this command works on a deployment's Redis: set SPENDGATE_REDIS_URL (and SPENDGATE_DATABASE_URL)")
+    return settings
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply the ledger's schema migrations (SPENDGATE_DATABASE_URL, or the embedded SQLite file)."""
+    from spendgate.ledger import open_ledger
+
+    settings = load_settings()
+
+    async def run() -> int:
+        ledger = open_ledger(settings.database_url, data_dir=settings.data_dir)
+        try:
+            return await ledger.migrate()
+        finally:
+            await ledger.close()
+
+    version = _call(lambda: asyncio.run(run()))
+    console.print(f"ledger schema at version {version}", highlight=False)
+
+
+@cli.command()
+@click.option("--writers", type=int, default=1, show_default=True, help="Writer loops in this process.")
+@click.option("--consumer", default="", help="Consumer name in the outbox group (hostname-pid by default).")
+@click.option("--once", is_flag=True, help="Drain what is in the outbox now, then exit.")
+def ledger(writers: int, consumer: str, once: bool) -> None:
+    """Run ledger writers outside the server: drain the outboxes into the database until SIGTERM."""
+    settings = _direct_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    from spendgate.app import run_ledger_writers
+
+    written = _call(lambda: asyncio.run(run_ledger_writers(settings, writers=writers, consumer=consumer, once=once)))
+    if once:
+        console.print(f"wrote {written} transaction(s)", highlight=False)
+
+
+@cli.command()
+@click.option("--account", default="", help="Only this account.")
+def reconcile(account: str) -> None:
+    """Compare Redis's spent counters with the ledger plus the outbox; exit 1 on any drift."""
+    settings = _direct_settings()
+    from spendgate.app import reconcile_accounts
+
+    reports = _call(lambda: asyncio.run(reconcile_accounts(settings, account)))
+    drifted = 0
+    table = Table(title="drift (Redis minus ledger and outbox)", title_justify="left")
+    for column in ("account", "node", "window", "redis", "ledger", "outbox", "drift"):
+        table.add_column(column, no_wrap=True)
+    for report_ in reports:
+        for row in report_.drifts:
+            drifted += 1
+            table.add_row(
+                report_.account_id,
+                row.node_id,
+                f"{row.window.name.lower()} {row.window_id}",
+                str(row.redis_spent_micros),
+                str(row.ledger_spent_micros),
+                str(row.outbox_spent_micros),
+                str(row.drift_micros),
+            )
+    windows = sum(len(report_.rows) for report_ in reports)
+    if drifted:
+        console.print(table)
+        console.print(f"[bold red]{drifted} of {windows} window(s) drifted[/]", highlight=False)
+        sys.exit(EXIT_DENIED)
+    console.print(
+        f"[green]no drift[/]: {windows} window(s) in {len(reports)} account(s) agree with the ledger", highlight=False
+    )
+
+
+@cli.command()
+@click.option("--account", default="", help="Only this account.")
+def rebuild(account: str) -> None:
+    """Restore configuration and spent counters from the ledger after Redis lost them."""
+    settings = _direct_settings()
+    from spendgate.app import rebuild_accounts
+
+    restored = _call(lambda: asyncio.run(rebuild_accounts(settings, account)))
+    for account_id, count in restored:
+        console.print(f"rebuilt {account_id}: {count} window counter(s) restored from the ledger", highlight=False)
+    if not restored:
+        fail("the ledger holds no account configuration to rebuild from")

@@ -16,7 +16,14 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, spend_pb2_grpc
+from spendgate._gen.spendgate.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
+    spend_pb2,
+    spend_pb2_grpc,
+)
 from spendgate.api.codec import decode_authorize, decode_budget, decode_capture, decode_void
 from spendgate.api.errors import STATUS_OF
 from spendgate.domain import (
@@ -588,3 +595,124 @@ class TokenClient(AdminClient):
     def revoke_token(self, token_id: str) -> TokenInfo:
         """Revoke a token by id."""
         return _token_info(self._unary(self._stub.RevokeToken, admin_pb2.RevokeTokenRequest(token_id=token_id)).token)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Transaction:
+    """A settled transaction from the ledger."""
+
+    txn_id: str
+    account_id: str
+    wallet_id: str
+    chain: tuple[str, ...]
+    amount_micros: int
+    authorized_micros: int
+    currency: str
+    service: str
+    metadata: Mapping[str, str]
+    authorized_at_ms: int
+    captured_at_ms: int
+    day: str
+    week: str
+    month: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReportLine:
+    """One group's spend in one period."""
+
+    period: str
+    group: str
+    amount_micros: int
+    transaction_count: int
+    currency: str
+
+
+class BillingClient:
+    """A blocking client of BillingService (finance and the CLI)."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        channel: grpc.Channel | None = None,
+        tls: Tls | None = None,
+    ) -> None:
+        self._channel = channel or _sync_channel(target, tls)
+        # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
+        self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._metadata = _metadata(token)
+        self._timeout_s = timeout_s
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self._timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _error(error) from None
+
+    def transactions(
+        self, node_id: str, *, since_ms: int = 0, until_ms: int = 0, service: str = "", page_size: int = 500
+    ) -> Iterator[Transaction]:
+        """Every settled transaction under a node in a time range, oldest first (pages fetched as needed)."""
+        token = ""
+        while True:
+            request = billing_pb2.ListTransactionsRequest(
+                node_id=node_id,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                service=service,
+                page_size=page_size,
+                page_token=token,
+            )
+            response = self._unary(self._stub.ListTransactions, request)
+            for t in response.transactions:
+                yield Transaction(
+                    t.txn_id,
+                    t.account_id,
+                    t.wallet_id,
+                    tuple(t.chain),
+                    t.amount_micros,
+                    t.authorized_micros,
+                    t.currency,
+                    t.service,
+                    dict(t.metadata),
+                    t.authorized_at_ms,
+                    t.captured_at_ms,
+                    t.day,
+                    t.week,
+                    t.month,
+                )
+            token = response.next_page_token
+            if not token:
+                return
+
+    def report(
+        self, node_id: str, *, group_by: str = "wallet", period: str = "month", since_ms: int = 0, until_ms: int = 0
+    ) -> list[ReportLine]:
+        """Spend under a node grouped by wallet, pool, account or service, per day or month."""
+        request = billing_pb2.SpendReportRequest(
+            node_id=node_id,
+            group_by=f"REPORT_GROUP_{group_by.upper()}",
+            period=f"REPORT_PERIOD_{period.upper()}",
+            since_ms=since_ms,
+            until_ms=until_ms,
+        )
+        response = self._unary(self._stub.SpendReport, request)
+        return [ReportLine(r.period, r.group, r.amount_micros, r.transaction_count, r.currency) for r in response.rows]
+
+    def status(self) -> tuple[int, int, int]:
+        """The ledger's lag: (entries pending, age of the oldest in ms, transactions in the ledger)."""
+        response = self._unary(self._stub.GetLedgerStatus, billing_pb2.GetLedgerStatusRequest())
+        return int(response.pending_entries), int(response.oldest_pending_age_ms), int(response.ledger_transactions)

@@ -32,6 +32,15 @@ class Settings:
     # Where the embedded default keeps its ledger; empty database_url means SQLite under data_dir.
     data_dir: str = ".spendgate"
     database_url: str = ""
+    # Whether the server keeps a ledger (and runs its writers). Every server started from the command line or
+    # the environment (load_settings) does; only code that builds Settings itself starts without one.
+    ledger: bool = False
+    # Writer loops the server runs; 0 leaves draining the outbox to `spendgate ledger` processes.
+    ledger_writers: int = 1
+    # The writers' consumer name in the outbox's group (hostname-pid by default; a stable name is better).
+    ledger_consumer: str = ""
+    ledger_batch_size_max: int = 1000
+    ledger_linger_ms: int = 20
     plan: str = ""
     # TLS: with a certificate and key the port speaks only TLS; with a client CA as well, clients must present
     # a certificate signed by it (mutual TLS).
@@ -128,7 +137,7 @@ def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read settings from ``SPENDGATE_<NAME>`` variables, then apply non-``None`` overrides (flags)."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {"auth": True}
+    values: dict[str, Any] = {"auth": True, "ledger": True}
     for field in dataclasses.fields(Settings):
         raw = environ.get(f"SPENDGATE_{field.name.upper()}")
         if raw is not None:

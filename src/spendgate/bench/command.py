@@ -13,8 +13,8 @@ from spendgate.money import MoneyError, parse_amount
 
 EXIT_CHECK_FAILED = 1
 EXIT_ERROR = 2
-QUICK_DURATION_S = 0.5
-QUICK_WARMUP_S = 0.2
+QUICK_DURATION_S = 0.3
+QUICK_WARMUP_S = 0.1
 REPORT_WIDTH = 150
 
 
@@ -26,6 +26,16 @@ def _micros(text: str, what: str) -> int:
     if micros <= 0:
         raise click.BadParameter("must be more than zero", param_hint=what)
     return micros
+
+
+def _environment(pairs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    environment = []
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name.startswith("SPENDGATE_"):
+            raise click.BadParameter(f"{pair!r} must look like SPENDGATE_NAME=VALUE", param_hint="--server-env")
+        environment.append((name, value))
+    return tuple(environment)
 
 
 def _phases(text: str) -> tuple[str, ...]:
@@ -43,7 +53,10 @@ def _phases(text: str) -> tuple[str, ...]:
 )
 @click.option("--target", default="", help="Drive this running server (host:port) instead of starting one.")
 @click.option(
-    "--token", default="", help="Bearer token for --target (a root or admin token: the check reads every node)."
+    "--token",
+    default="",
+    envvar="SPENDGATE_TOKEN",
+    help="Bearer token for --target (a root or admin token: the check reads every node) [SPENDGATE_TOKEN].",
 )
 @click.option("--embedded", is_flag=True, help="Run the server inside this process instead of as `spendgate serve`.")
 @click.option(
@@ -85,18 +98,18 @@ def _phases(text: str) -> tuple[str, ...]:
     "duration_s",
     type=float,
     default=None,
-    help="Seconds each phase measures [default 5; 0.5 with --quick].",
+    help="Seconds each phase measures [default 5; 0.3 with --quick].",
 )
 @click.option(
     "--warmup",
     "warmup_s",
     type=float,
     default=None,
-    help="Seconds each phase runs before measuring [default 1; 0.2 with --quick].",
+    help="Seconds each phase runs before measuring [default 1; 0.1 with --quick].",
 )
 @click.option("--processes", type=int, default=2, show_default=True, help="Load generator processes.")
 @click.option(
-    "--streams", type=int, default=1, show_default=True, help="AuthorizeStream streams per generator process."
+    "--streams", type=int, default=4, show_default=True, help="AuthorizeStream streams per generator process."
 )
 @click.option("--amount", default="0.000001", show_default=True, help="Amount per authorization, in currency units.")
 @click.option(
@@ -127,7 +140,13 @@ def _phases(text: str) -> tuple[str, ...]:
     default="",
     help="Record a py-spy flame graph of the server during each phase into this directory.",
 )
-@click.option("--quick", is_flag=True, help="Short phases (for smoke tests): 0.5 s after 0.2 s warm-up.")
+@click.option(
+    "--server-env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A SPENDGATE_* setting for the server this run starts (e.g. SPENDGATE_LEDGER=off); repeatable.",
+)
+@click.option("--quick", is_flag=True, help="Short phases (for smoke tests): 0.3 s after 0.1 s warm-up.")
 def bench_command(
     target: str,
     token: str,
@@ -154,6 +173,7 @@ def bench_command(
     json_path: str,
     work_dir: str,
     py_spy_dir: str,
+    server_env: tuple[str, ...],
     quick: bool,
 ) -> None:
     """Load-test spendgate and measure this machine's ceilings, so the results read as ratios.
@@ -191,6 +211,7 @@ def bench_command(
             json_path=json_path,
             work_dir=work_dir,
             py_spy_dir=py_spy_dir,
+            server_environment=_environment(server_env),
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None

@@ -113,6 +113,13 @@ class LoadJob:
     redis_key_prefix: str = "sg"
     # Redis: scripts per pipelined round trip (1: unpipelined, one EVALSHA per round trip).
     batch_size: int = 1
+    # How many processes share the phase: each starts at its own place in the wallet list.
+    processes: int = 1
+
+    @property
+    def first_wallet(self) -> int:
+        """Where in the wallet list this process starts (then it goes round-robin)."""
+        return self.process_index * len(self.wallets) // max(1, self.processes)
 
 
 class _Window:
@@ -215,7 +222,8 @@ class _Spender:
             authorize_prefix(wallet, job.amount_micros, job.currency, "", job.one_shot) for wallet in job.wallets
         ]
         self._key_prefix = job.key_prefix.encode()
-        self._counter = itertools.count()
+        # Each process starts at its own place in the wallet list, so processes spread over the fleet.
+        self._counter = itertools.count(job.first_wallet)
         self._capture = channel.unary_unary(
             CAPTURE_METHOD, request_serializer=None, response_deserializer=spend_pb2.CaptureResponse.FromString
         )
@@ -228,8 +236,13 @@ class _Spender:
         self.recorder.calls_total += 1
         return sequence, authorize_request(self._prefixes[number % len(self._prefixes)], self._key_prefix + sequence)
 
-    def answered(self, response: spend_pb2.AuthorizeResponse, started: float, sequence: bytes) -> None:
-        """Count one answer; for authorize+capture, capture an approval in the background."""
+    def answered(
+        self, response: spend_pb2.AuthorizeResponse, started: float, sequence: bytes, *, capture_later: bool = True
+    ) -> bool:
+        """Count one answer; returns whether it is an approval to capture (authorize+capture).
+
+        With ``capture_later`` the capture runs in the background (a stream's reader must not wait for it).
+        """
         done = time.perf_counter()
         approved = response.decision == spend_pb2.DECISION_APPROVED
         if approved:
@@ -238,10 +251,12 @@ class _Spender:
             record_us(self.recorder.histogram, (done - started) * 1e6)
             self.recorder.calls += 1
             self.recorder.decisions[decision_label(response.decision, response.deny_reason)] += 1
-        if approved and not self.job.one_shot:
+        to_capture = approved and not self.job.one_shot
+        if to_capture and capture_later:
             task = asyncio.create_task(self.capture(response.authorization_id, sequence))
             self.captures.add(task)
             task.add_done_callback(self.captures.discard)
+        return to_capture
 
     def failed(self, code: grpc.StatusCode, what: str = "") -> None:
         """Count one failed call."""
@@ -296,7 +311,9 @@ async def run_unary(job: LoadJob, recorder: Recorder) -> None:
             if error.code() is grpc.StatusCode.UNAVAILABLE:
                 await asyncio.sleep(0.01)  # A server that is down should not turn the generator into a spin.
             return
-        spender.answered(response, started, sequence)
+        # An agent captures before its next call (in a closed loop the capture is part of the flow).
+        if spender.answered(response, started, sequence, capture_later=False):
+            await spender.capture(response.authorization_id, sequence)
 
     try:
         _measure_cpu(window, recorder, job.duration_s)
@@ -370,11 +387,14 @@ async def run_stream(job: LoadJob, recorder: Recorder) -> None:
                     spender.answered(answer.response, *entry)
 
         await window.wait_for_start()
-        try:
-            await asyncio.gather(write(), read())
-        except grpc.aio.AioRpcError as error:
-            # The whole stream failed: every request still on it has an unknown outcome.
-            recorder.errors[f"stream {error.code().name}"] += 1
+        outcomes = await asyncio.gather(write(), read(), return_exceptions=True)
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failures:
+            # The stream failed: every request still on it has an unknown outcome.
+            stream.cancel()
+            failure = failures[0]
+            code = failure.code().name if isinstance(failure, grpc.aio.AioRpcError) else type(failure).__name__
+            recorder.errors[f"stream {code}"] += 1
             recorder.unknown_outcomes += len(pending)
 
     share = max(1, math.ceil(job.concurrency / streams))
@@ -491,7 +511,7 @@ async def run_redis(job: LoadJob, recorder: Recorder) -> None:
         sha = str(await client.script_load(load_script_source("authorize")))
         templates = await script_templates(client, job, sha, int(time.time() * 1000))
         window = _Window(job)
-        counter = itertools.count()
+        counter = itertools.count(job.first_wallet)
         batch_size = max(1, job.batch_size)
 
         def next_command() -> list[str | int]:
@@ -619,8 +639,11 @@ class GeneratorPool:
                 raise RuntimeError("a load generator process did not start")
 
     async def run(self, jobs: Sequence[LoadJob], timeout_s: float) -> list[WorkerResult]:
-        """Give each process its job and return their measurements."""
-        for connection, job in zip(self._connections, jobs, strict=True):
+        """Give the first ``len(jobs)`` processes a job each and return their measurements."""
+        if len(jobs) > len(self._connections):
+            raise ValueError(f"{len(jobs)} jobs for {len(self._connections)} generator processes")
+        busy = self._connections[: len(jobs)]
+        for connection, job in zip(busy, jobs, strict=True):
             connection.send(job)
         loop = asyncio.get_running_loop()
 
@@ -630,7 +653,7 @@ class GeneratorPool:
             result: WorkerResult = connection.recv()
             return result
 
-        return list(await asyncio.gather(*(loop.run_in_executor(None, receive, c) for c in self._connections)))
+        return list(await asyncio.gather(*(loop.run_in_executor(None, receive, c) for c in busy)))
 
     def close(self) -> None:
         """Stop the processes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -34,22 +35,24 @@ def _cores(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _micros(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def _megabytes(value: int | None) -> str:
     return "-" if value is None else f"{value / 1_048_576:.1f} MB"
 
 
 def phase_table(report: BenchReport) -> Table:
-    """Throughput, latency and CPU per phase."""
+    """Throughput and latency per phase."""
     table = Table(title="Throughput and latency (measured window; latency in ms)", title_justify="left")
     for column in ("phase", "calls/s", "of ceiling", "p50", "p90", "p99", "p99.9", "max", "errors"):
         table.add_column(column, justify="left" if column == "phase" else "right", no_wrap=True)
-    for column in ("gen cores", "server cores", "redis cores", "other cores"):
-        table.add_column(column, justify="right", no_wrap=True)
     for name, result in report.phases.items():
         latency = latency_summary(result.histogram)
         ceiling_name = _CEILING_OF.get(name)
         ceiling = report.throughput(ceiling_name) if ceiling_name else None
-        share = f"{100 * result.throughput / ceiling:.0f}% {ceiling_name}" if ceiling and result.calls else ""
+        share = f"{100 * result.throughput / ceiling:.0f}% of {ceiling_name}" if ceiling and result.calls else ""
         if name == "redis-pipelined" and ceiling and result.calls:
             share = f"{result.throughput / ceiling:.1f}x redis"
         label = f"[bold]{name}[/]" if name not in EMPTY_PHASES else name
@@ -64,11 +67,31 @@ def phase_table(report: BenchReport) -> Table:
             _ms(latency["p99_ms"]),
             _ms(latency["p99.9_ms"]),
             _ms(latency["max_ms"]),
-            f"{sum(result.errors.values()):,}" if result.errors else "0",
+            f"{sum(result.errors.values()):,}",
+        )
+    return table
+
+
+def cpu_table(report: BenchReport) -> Table:
+    """Who used the CPU per phase: cores busy over the window, and CPU per call."""
+    table = Table(
+        title="CPU over the measured window (cores busy; 'other' is load from outside this benchmark)",
+        title_justify="left",
+    )
+    columns = ("phase", "generator", "server", "redis", "other", "gen µs/call", "server µs/call", "redis µs/script")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right", no_wrap=True)
+    for name, result in report.phases.items():
+        script_us = (result.redis_script_usec or 0) / result.redis_scripts if result.redis_scripts else None
+        table.add_row(
+            name,
             _cores(result.cores(result.generator_cpu_s)),
             _cores(result.cores(result.server_cpu_s)),
             _cores(result.cores(result.redis_cpu_s)),
             _cores(result.cores(result.other_cpu_s)),
+            _micros(result.us_per_call(result.generator_cpu_s)),
+            _micros(result.us_per_call(result.server_cpu_s)),
+            _micros(script_us),
         )
     return table
 
@@ -129,6 +152,7 @@ def print_report(report: BenchReport, console: Console) -> None:
         highlight=False,
     )
     console.print(phase_table(report))
+    console.print(cpu_table(report))
     for table in (decisions_table(report), errors_table(report)):
         if table is not None:
             console.print(table)
@@ -158,6 +182,13 @@ def print_report(report: BenchReport, console: Console) -> None:
         headline.append(f"p99 at half load {_ms(latency_summary(half.histogram)['p99_ms'])} ms")
     if headline:
         console.print("  " + "; ".join(headline), highlight=False)
+    per_call = [
+        f"{name} {result.redis_scripts / result.calls:.2f}"
+        for name, result in report.phases.items()
+        if result.redis_scripts and result.calls and name not in EMPTY_PHASES
+    ]
+    if per_call:
+        console.print("  Redis scripts per call: " + ", ".join(per_call), highlight=False)
     generator = [
         f"{name} {result.generator_cpu_s:.1f} CPU-s over {result.window_s:g} s"
         for name, result in report.phases.items()
@@ -202,8 +233,26 @@ def print_report(report: BenchReport, console: Console) -> None:
                 + (f" (up to {check.unknown_micros_max:,} more from failed calls)" if check.unknown_micros_max else ""),
                 highlight=False,
             )
-    if system.get("profiles"):
-        console.print("  py-spy flame graphs: " + ", ".join(system["profiles"].values()), highlight=False)
+    for phase, profile in report.profiles.items():
+        console.print(profile_table(phase, profile))
+
+
+def profile_table(phase: str, profile: dict[str, Any]) -> Table:
+    """The functions the server spent most samples in during a phase."""
+    table = Table(
+        title=f"Server profile, {phase} ({profile['samples']:,} py-spy samples; {profile['file']})",
+        title_justify="left",
+    )
+    table.add_column("self %", justify="right")
+    table.add_column("function (self)")
+    table.add_column("incl. %", justify="right")
+    table.add_column("function (inclusive)")
+    own, inclusive = profile["self"], profile["inclusive"]
+    for index in range(max(len(own), len(inclusive))):
+        left = own[index] if index < len(own) else ("", "")
+        right = inclusive[index] if index < len(inclusive) else ("", "")
+        table.add_row(str(left[1]), str(left[0]), str(right[1]), str(right[0]))
+    return table
 
 
 def write_json(report: BenchReport, path: str) -> None:

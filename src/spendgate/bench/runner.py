@@ -27,6 +27,7 @@ import pathlib
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from rich.console import Console
 from spendgate.bench.check import CheckResult, check_budgets, wallets_lifetime_micros
 from spendgate.bench.fleet import Fleet, find_example_fleet, generate_fleet, load_fleet
 from spendgate.bench.loadgen import GeneratorPool, LoadJob
+from spendgate.bench.profile import summarise
 from spendgate.bench.servers import (
     RedisServer,
     ServerProcess,
@@ -72,6 +74,8 @@ PHASE_LEAD_S = 0.3
 # Seconds a generator process may take beyond the phase to drain its calls and answer.
 PHASE_DRAIN_S = 30.0
 OPEN_LOOP_IN_FLIGHT_MIN = 256
+# py-spy's sampling rate: enough samples in a few seconds, little enough to leave the server's speed alone.
+PY_SPY_RATE_HZ = 200
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ class BenchOptions:
     duration_s: float = 5.0
     warmup_s: float = 1.0
     processes: int = 2
-    streams: int = 1
+    streams: int = 4
     amount_micros: int = 1
     exhaust_amount_micros: int = 250_000
     batch_size: int = 64
@@ -103,6 +107,8 @@ class BenchOptions:
     json_path: str = ""
     work_dir: str = ""
     py_spy_dir: str = ""
+    # SPENDGATE_* settings for the server this run starts (not for --target).
+    server_environment: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [phase for phase in self.phases if phase not in ALL_PHASES]
@@ -139,6 +145,8 @@ class BenchReport:
     amounts: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     check: CheckResult | None = None
+    # py-spy summaries of the server per phase (with --py-spy).
+    profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def throughput(self, phase: str) -> float | None:
@@ -180,6 +188,7 @@ class BenchReport:
             "skipped": self.skipped,
             "ratios": self.ratios(),
             "check": self.check.to_json() if self.check else None,
+            "profiles": self.profiles,
             "passed": self.passed,
             "notes": self.notes,
         }
@@ -301,7 +310,13 @@ class Bench:
             system["plan_apply_s"] = round(await _apply_directly(self.redis.url, fleet, slice(1, None)), 3)
         port = free_port()
         self.say(f"starting spendgate serve on port {port} (plan {fleet.plan_paths[0].name})")
-        process = spendgate_server(port, self.redis.url, str(fleet.plan_paths[0]), self.work_dir / "server.log")
+        process = spendgate_server(
+            port,
+            self.redis.url,
+            str(fleet.plan_paths[0]),
+            self.work_dir / "server.log",
+            extra_environment=self._server_environment(),
+        )
         try:
             wallets = len(fleet.wallet_ids)
             await asyncio.get_running_loop().run_in_executor(None, process.wait_serving, 60.0 + wallets / 500)
@@ -311,13 +326,21 @@ class Bench:
         finally:
             process.stop()
 
+    def _server_environment(self) -> dict[str, str]:
+        """The server's SPENDGATE_* settings: its own data directory (its ledger), then the user's."""
+        return {"SPENDGATE_DATA_DIR": str(self.work_dir / "data"), **dict(self.options.server_environment)}
+
     @contextlib.asynccontextmanager
     async def _embedded(self, fleet: Fleet) -> AsyncIterator[_ServerUnderTest]:
         from spendgate.app import running_server
-        from spendgate.settings import Settings
+        from spendgate.settings import load_settings
 
         redis_url = self.redis.url if self.redis is not None else ""
-        settings = Settings(port=free_port(), plan=str(fleet.plan_paths[0]), redis_url=redis_url)
+        # The settings `spendgate serve` would have (load_settings), with auth off like the subprocess server.
+        environment = {"SPENDGATE_AUTH": "off", **self._server_environment()}
+        settings = load_settings(
+            environment, host="127.0.0.1", port=free_port(), plan=str(fleet.plan_paths[0]), redis_url=redis_url
+        )
         self.report.system["store"] = "redis" if redis_url else "fakeredis (in-process)"
         self.say(f"starting an embedded server on port {settings.port} ({self.report.system['store']})")
         started = time.perf_counter()
@@ -359,6 +382,7 @@ class Bench:
                 dataclasses.replace(
                     template,
                     process_index=index,
+                    processes=processes,
                     key_prefix=f"b{self.run_id}-{name}-{index}-",
                     concurrency=share,
                     rate_per_s=rate / processes,
@@ -392,10 +416,14 @@ class Bench:
         redis_cpu = self.redis.cpu_s if self.redis is not None else (lambda: None)
         server_cpu = server_cpu or (lambda: None)
         await asyncio.sleep(max(0.0, measure_from - time.time()))
+        if self.redis is not None:
+            self.redis.reset_stats()
         server_before, redis_before, machine_before = server_cpu(), redis_cpu(), machine_busy_cpu_s()
         with self._profile(name, server_pid):
             await asyncio.sleep(max(0.0, measure_from + options.duration_s - time.time()))
         server_after, redis_after, machine_after = server_cpu(), redis_cpu(), machine_busy_cpu_s()
+        if self.redis is not None:
+            result.redis_scripts, result.redis_script_usec = self.redis.script_stats()
         for worker_result in await running:
             result.add(worker_result)
         if server_before is not None and server_after is not None:
@@ -412,19 +440,27 @@ class Bench:
 
     @contextlib.contextmanager
     def _profile(self, phase: str, pid: int | None) -> Iterator[None]:
-        """Record a py-spy flame graph of the server over the measured window (with ``--py-spy DIR``)."""
+        """Sample the server with py-spy over the measured window (with ``--py-spy DIR``).
+
+        Writes py-spy's collapsed stacks (``server-<phase>.txt``; speedscope and flamegraph.pl read them) and
+        keeps a per-function summary for the report.
+        """
         py_spy = str(pathlib.Path(sys.executable).parent / "py-spy")
         py_spy = py_spy if os.access(py_spy, os.X_OK) else shutil.which("py-spy") or ""
         if not self.options.py_spy_dir or pid is None or not py_spy:
             yield
             return
-        import subprocess
-
         directory = pathlib.Path(self.options.py_spy_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        output = directory / f"server-{phase}.svg"
-        command = [py_spy, "record", "--pid", str(pid), "--output", str(output), "--rate", "250", "--nonblocking"]
-        command += ["--duration", str(max(1, int(self.options.duration_s)))]
+        output = directory / f"server-{phase}.txt"
+        command = [py_spy, "record", "--pid", str(pid), "--output", str(output), "--format", "raw"]
+        command += [
+            "--rate",
+            str(PY_SPY_RATE_HZ),
+            "--nonblocking",
+            "--duration",
+            str(max(1, int(self.options.duration_s))),
+        ]
         recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
         try:
             yield
@@ -433,7 +469,9 @@ class Bench:
                 recorder.wait(self.options.duration_s + 30)
             except subprocess.TimeoutExpired:
                 recorder.kill()
-            self.report.system.setdefault("profiles", {})[phase] = str(output)
+                recorder.wait()
+            if output.is_file():
+                self.report.profiles[phase] = {"file": str(output), **summarise(output.read_text())}
 
     def _template(self, kind: str, target: str, token: str, amount_micros: int) -> LoadJob:
         if self.fleet is None:
@@ -578,14 +616,22 @@ class Bench:
             self.redis = RedisServer(binary)
             self.report.system["redis_server"] = {"binary": binary, "port": self.redis.port, "pid": self.redis.pid}
         self.pool = GeneratorPool(options.processes)
+        finished = False
         try:
             self.say(f"starting {options.processes} load generator process(es)")
             await asyncio.get_running_loop().run_in_executor(None, self.pool.start)
             await self._run_phases(fleet, phases)
+            finished = True
         finally:
             self.pool.close()
             if self.redis is not None:
                 self.redis.stop()
+            if finished and self.report.passed and not options.work_dir:
+                # A temporary directory of a run that went well holds nothing worth keeping.
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+                self.report.system.pop("work_dir", None)
+            else:
+                self.say(f"plans, server logs and the server's ledger are in {self.work_dir}")
         return self.report
 
     async def _run_phases(self, fleet: Fleet, phases: list[str]) -> None:

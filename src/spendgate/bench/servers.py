@@ -133,9 +133,19 @@ class RedisServer:
         info = self._client.info("memory")
         return int(info["used_memory"])
 
-    def flush(self) -> None:
-        """Empty this (the benchmark's own) Redis."""
-        self._client.flushall()
+    def reset_stats(self) -> None:
+        """Zero Redis's command statistics (this Redis is the benchmark's own)."""
+        self._client.config_resetstat()
+
+    def script_stats(self) -> tuple[int, int]:
+        """Scripts run (EVALSHA and EVAL) since the last reset, and the microseconds Redis spent in them."""
+        stats = self._client.info("commandstats")
+        calls = usec = 0
+        for name in ("cmdstat_evalsha", "cmdstat_eval"):
+            if name in stats:
+                calls += int(stats[name]["calls"])
+                usec += int(stats[name]["usec"])
+        return calls, usec
 
     def stop(self) -> None:
         """Stop the process."""

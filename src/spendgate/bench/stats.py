@@ -124,6 +124,10 @@ class PhaseResult:
     # CPU seconds the whole machine was busy over the window: what is left after the generators, the server
     # and Redis is other load, which makes the phase's figures noisy.
     machine_cpu_s: float | None = None
+    # Scripts Redis ran over the window and the microseconds it spent in them (INFO commandstats; only for
+    # the benchmark's own Redis).
+    redis_scripts: int | None = None
+    redis_script_usec: int | None = None
     # Calls per batch for the pipelined Redis phase (1 otherwise).
     batch_size: int = 1
     failures: list[str] = dataclasses.field(default_factory=list)
@@ -163,6 +167,12 @@ class PhaseResult:
         ours = self.generator_cpu_s + (self.server_cpu_s or 0.0) + (self.redis_cpu_s or 0.0)
         return max(0.0, self.machine_cpu_s - ours)
 
+    def us_per_call(self, cpu_s: float | None) -> float | None:
+        """CPU microseconds per call measured in the window (less sensitive to other load than rates)."""
+        if cpu_s is None or not self.calls:
+            return None
+        return cpu_s / self.calls * 1e6
+
     def cores(self, cpu_s: float | None) -> float | None:
         """CPU seconds over the window as a number of busy cores."""
         if cpu_s is None or self.window_s <= 0:
@@ -191,8 +201,13 @@ class PhaseResult:
                 "processes": self.generator_processes,
                 "cpu_s": round(self.generator_cpu_s, 3),
                 "cores": _round(self.cores(self.generator_cpu_s)),
+                "cpu_us_per_call": _round(self.us_per_call(self.generator_cpu_s)),
             },
-            "server": {"cpu_s": _round(self.server_cpu_s), "cores": _round(self.cores(self.server_cpu_s))},
+            "server": {
+                "cpu_s": _round(self.server_cpu_s),
+                "cores": _round(self.cores(self.server_cpu_s)),
+                "cpu_us_per_call": _round(self.us_per_call(self.server_cpu_s)),
+            },
             "redis": {"cpu_s": _round(self.redis_cpu_s), "cores": _round(self.cores(self.redis_cpu_s))},
             "machine": {"cpu_s": _round(self.machine_cpu_s), "cores": _round(self.cores(self.machine_cpu_s))},
             "other_cores": _round(self.cores(self.other_cpu_s)),
@@ -203,7 +218,12 @@ class PhaseResult:
             figures["capture_latency"] = latency_summary(self.capture_histogram)
         if self.redis_cpu_s and self.calls:
             # Redis's own CPU per call: what one Redis core could do if nothing else limited it.
-            figures["redis"]["cpu_us_per_call"] = round(self.redis_cpu_s / self.calls * 1e6, 2)
+            figures["redis"]["cpu_us_per_call"] = _round(self.us_per_call(self.redis_cpu_s))
+        if self.redis_scripts:
+            figures["redis"]["scripts"] = self.redis_scripts
+            figures["redis"]["us_per_script"] = round((self.redis_script_usec or 0) / self.redis_scripts, 2)
+            if self.calls:
+                figures["redis"]["scripts_per_call"] = round(self.redis_scripts / self.calls, 3)
         return figures
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from spendgate.domain import MONEY_WINDOWS, NotFoundError, Window
+from spendgate.domain import MONEY_WINDOWS, AccountPlan, NotFoundError, Window
 from spendgate.ledger.sink import TXN_ID_LOOKUP_MAX, LedgerSink, LedgerTransaction, WindowKey, window_deltas
 from spendgate.store.protocol import AdminStore
 from spendgate.windows import windows_at
@@ -120,3 +120,54 @@ async def reconcile_account(
                 )
             )
     return ReconcileReport(account_id=account_id, windows=windows, rows=tuple(rows))
+
+
+async def rebuild_account(
+    store: AdminStore,
+    sink: LedgerSink,
+    plan: AccountPlan,
+    *,
+    now_ms: int,
+    outbox: Sequence[LedgerTransaction] = (),
+) -> dict[WindowKey, int]:
+    """Restore an account after Redis lost it; return the spent figures restored.
+
+    The tree comes from the ledger's latest plan (when Redis has none), then every node's open-window spent
+    counters from the ledger plus ``outbox``; held money is recounted from the open holds.
+    """
+    if await store.read_plan(plan.account_id) is None:
+        await store.put_plan(plan)
+    requested = windows_at(now_ms, plan.time_zone)
+    account_budget = await store.budget(plan.account_id, plan.account_id, requested, now_ms)
+    windows = {window: account_budget.window(window).window_id for window in MONEY_WINDOWS}
+    ledger, pending = await expected_spend(sink, plan.account_id, windows, outbox)
+    current = await store.read_plan(plan.account_id)
+    spent: dict[str, dict[Window, int]] = {node.node_id: {} for node in (current or plan).nodes}
+    restored: dict[WindowKey, int] = {}
+    for key in {*ledger, *pending}:
+        if key.node_id in spent:
+            amount = ledger.get(key, 0) + pending.get(key, 0)
+            spent[key.node_id][key.window] = amount
+            restored[key] = amount
+    await store.restore_counters(plan.account_id, windows, spent)
+    return restored
+
+
+async def missing_account_report(sink: LedgerSink, plan: AccountPlan, *, now_ms: int) -> ReconcileReport:
+    """The report for an account the ledger knows but Redis lost: every window the ledger has spend in drifts."""
+    requested = windows_at(now_ms, plan.time_zone)
+    windows = {window: requested.id_of(window) for window in MONEY_WINDOWS}
+    ledger, _ = await expected_spend(sink, plan.account_id, windows)
+    rows = tuple(
+        WindowDrift(
+            node_id=key.node_id,
+            window=key.window,
+            window_id=key.window_id,
+            redis_spent_micros=0,
+            ledger_spent_micros=amount,
+            outbox_spent_micros=0,
+        )
+        for key, amount in sorted(ledger.items())
+        if amount
+    )
+    return ReconcileReport(account_id=plan.account_id, windows=windows, rows=rows)

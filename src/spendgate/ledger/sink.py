@@ -303,14 +303,27 @@ class AuditRecord:
 
 def window_deltas(transactions: Sequence[LedgerTransaction]) -> dict[WindowKey, WindowTotal]:
     """Sum transactions into the windows of every node on their chains (how Redis counts them)."""
-    totals: dict[WindowKey, list[int]] = {}
+    # Plain tuples while summing: this runs for every node and window of every transaction of a batch, and
+    # a batch has few distinct keys, so the dataclasses are built once per key at the end.
+    totals: dict[tuple[str, Window, str], list[int]] = {}
     for txn in transactions:
+        windows = (
+            (Window.DAY, txn.day),
+            (Window.WEEK, txn.week),
+            (Window.MONTH, txn.month),
+            (Window.TOTAL, TOTAL_WINDOW_ID),
+        )
+        amount = txn.amount_micros
         for node_id in txn.chain:
-            for window in LEDGER_WINDOWS:
-                slot = totals.setdefault(WindowKey(node_id, window, txn.window_id(window)), [0, 0])
-                slot[0] += txn.amount_micros
-                slot[1] += 1
-    return {key: WindowTotal(spent, count) for key, (spent, count) in totals.items()}
+            for window, window_id in windows:
+                key = (node_id, window, window_id)
+                slot = totals.get(key)
+                if slot is None:
+                    totals[key] = [amount, 1]
+                else:
+                    slot[0] += amount
+                    slot[1] += 1
+    return {WindowKey(*key): WindowTotal(spent, count) for key, (spent, count) in totals.items()}
 
 
 def check_limit(limit: int) -> int:

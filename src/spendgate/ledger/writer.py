@@ -156,8 +156,9 @@ class LedgerWriter:
     ``client`` must decode responses (``decode_responses=True``, as the store's does) and answer blocking
     reads: its socket timeout must exceed ``block_ms`` (the hot path's client, with its sub-second timeout,
     needs ``block_ms`` below that or a client of its own). Several writers may run at once against one
-    Redis and one ledger if each has its own ``consumer`` name; a
-    stable name per host lets a restarted writer resume its own pending entries at once.
+    Redis and one ledger if each has its own ``consumer`` name, in one process (they overlap reading Redis
+    with waiting on the database) or in several; a stable name per host lets a restarted writer resume its
+    own pending entries at once.
     """
 
     def __init__(
@@ -181,11 +182,12 @@ class LedgerWriter:
         redis_timeout_s: float = 5.0,
         trim: bool = True,
         trim_approximate: bool = True,
+        trim_interval_ms: int = 1_000,
     ) -> None:
         if not 1 <= batch_size_max <= INSERT_BATCH_SIZE_MAX:
             raise ValueError(f"batch_size_max must be within 1..{INSERT_BATCH_SIZE_MAX}")
-        if linger_ms < 0 or block_ms < 0 or claim_idle_ms < 0 or claim_interval_ms < 0 or accounts_refresh_ms < 0:
-            raise ValueError("linger, block, claim and refresh times must not be negative")
+        if min(linger_ms, block_ms, claim_idle_ms, claim_interval_ms, accounts_refresh_ms, trim_interval_ms) < 0:
+            raise ValueError("linger, block, claim, refresh and trim times must not be negative")
         if not 0 < backoff_initial_ms <= backoff_max_ms:
             raise ValueError("back-off must satisfy 0 < backoff_initial_ms <= backoff_max_ms")
         if streams_per_read_max < 1 or redis_timeout_s <= 0:
@@ -208,8 +210,12 @@ class LedgerWriter:
         self._redis_timeout_s = redis_timeout_s
         self._trim = trim
         self._trim_approximate = trim_approximate
-        # fakeredis serves blocking reads by polling inside the event loop; it works, but a short block
-        # keeps an embedded server's loop responsive, so the block is capped there.
+        # Trimming costs two round trips per stream; once a second is plenty to keep the outboxes short.
+        self._trim_interval_ms = trim_interval_ms
+        self._trim_due_at = 0.0
+        self._untrimmed: set[str] = set()
+        # fakeredis emulates blocking reads in-process (other tasks keep running meanwhile); capping the block
+        # keeps stop() and an embedded server's shutdown prompt.
         self._embedded = type(client).__module__.startswith("fakeredis")
         self.stats = WriterStats()
         self._stopping = asyncio.Event()
@@ -254,6 +260,11 @@ class LedgerWriter:
                     self._accounts_due_at = 0.0
                 self._redis_failed(error, backoff.attempt)
                 await self._sleep_unless_stopping(backoff.next_delay_s())
+            except Exception as error:  # The writer must outlive a bug in one batch; it logs and backs off.
+                self.stats.last_error = f"{type(error).__name__}: {error}"
+                if backoff.attempt & (backoff.attempt - 1) == 0:
+                    log.exception("ledger writer %s failed (attempt %d)", self.consumer, backoff.attempt + 1)
+                await self._sleep_unless_stopping(backoff.next_delay_s())
         log.info("ledger writer %s stopped", self.consumer)
 
     def stop(self) -> None:
@@ -274,6 +285,7 @@ class LedgerWriter:
                 if handled:
                     continue
                 if (await self.lag()).entries == 0:
+                    await self._trim_if_due(now=True)
                     return total
                 # What is left is pending under someone else: look for claimable entries on every pass.
                 self._claim_due_at = 0.0
@@ -319,19 +331,19 @@ class LedgerWriter:
     async def _refresh_accounts(self) -> None:
         accounts = await self._redis(self._client.smembers(self.keys.accounts()))
         for account in sorted(str(a) for a in accounts):
-            stream = self.keys.outbox(account)
-            self._streams.setdefault(stream, account)
-            if stream not in self._grouped:
-                await self._ensure_group(stream)
-
-    async def _ensure_group(self, stream: str) -> None:
-        try:
-            # From id 0, so entries appended before the group existed are written too.
-            await self._redis(self._client.xgroup_create(stream, self.group, id="0", mkstream=True))
-        except redis.exceptions.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
-        self._grouped.add(stream)
+            self._streams.setdefault(self.keys.outbox(account), account)
+        missing = sorted(set(self._streams) - self._grouped)
+        for start in range(0, len(missing), self._streams_per_read_max):
+            chunk = missing[start : start + self._streams_per_read_max]
+            pipe = self._client.pipeline(transaction=False)
+            for stream in chunk:
+                # From id 0, so entries appended before the group existed are written too.
+                pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
+            replies = await self._redis(pipe.execute(raise_on_error=False))
+            for stream, reply in zip(chunk, replies, strict=True):
+                if isinstance(reply, BaseException) and "BUSYGROUP" not in str(reply):
+                    raise reply
+                self._grouped.add(stream)
 
     def _stream_chunks(self) -> list[list[str]]:
         streams = sorted(self._streams)
@@ -497,13 +509,21 @@ class LedgerWriter:
         self.stats.inserted += inserted
         self.stats.duplicates += len(transactions) - inserted
         self.stats.dead_lettered += len(bad)
-        if self._trim:
-            try:
-                await self._trim_streams({entry.stream for entry in batch})
-            except _REDIS_OUTAGES as error:
-                # Trimming is housekeeping; the next batch trims again.
-                log.debug("outbox trim skipped: %s", error)
+        self._untrimmed.update(entry.stream for entry in batch)
+        await self._trim_if_due()
         return len(batch)
+
+    async def _trim_if_due(self, *, now: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._trim or not self._untrimmed or (not now and loop.time() < self._trim_due_at):
+            return
+        streams, self._untrimmed = self._untrimmed, set()
+        self._trim_due_at = loop.time() + self._trim_interval_ms / 1000
+        try:
+            await self._trim_streams(streams)
+        except _REDIS_OUTAGES as error:
+            # Trimming is housekeeping; the streams are trimmed with the next batch that touches them.
+            log.debug("outbox trim skipped: %s", error)
 
     async def _acknowledge(self, good: list[tuple[_Entry, LedgerTransaction]], bad: list[tuple[_Entry, str]]) -> None:
         """XACK the committed entries; move the unreadable ones to the dead-letter stream and XACK them."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from spendgate.domain import (
@@ -14,6 +14,7 @@ from spendgate.domain import (
     NodeBudget,
     NodeSpec,
     VoidResult,
+    Window,
 )
 from spendgate.windows import WindowIds
 
@@ -194,4 +195,10 @@ class AdminStore(SpendStore, Protocol):
 
     async def backlog(self, account_id: str) -> Backlog:
         """Return an account's open holds and ledger outbox backlog."""
+        ...
+
+    async def restore_counters(
+        self, account_id: str, windows: Mapping[Window, str], spent: Mapping[str, Mapping[Window, int]]
+    ) -> int:
+        """Set every node's spent counters in ``windows`` and recount held money from the open holds."""
         ...

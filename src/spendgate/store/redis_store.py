@@ -12,7 +12,7 @@ import dataclasses
 import importlib.resources
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -61,6 +61,7 @@ _SCRIPTS = (
     "delete_node",
     "node_activity",
     "freeze",
+    "restore_counters",
 )
 # Admin calls write or read many nodes per round trip; they get a longer deadline than the hot path.
 PUT_BATCH_SIZE = 500
@@ -224,6 +225,8 @@ class RedisStore:
         self._holds_per_wallet_max = holds_per_wallet_max
         self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
         self._batcher = ScriptBatcher(client) if batching else None
+        # Whether the client is the embedded in-process fakeredis (set by the composition root).
+        self.in_process = False
 
     @property
     def client(self) -> aioredis.Redis:
@@ -730,6 +733,18 @@ class RedisStore:
             for event_id, fields in entries:
                 events.append((accounts[str(stream)], str(event_id), {str(k): str(v) for k, v in fields.items()}))
         return events
+
+    async def restore_counters(
+        self, account_id: str, windows: Mapping[Window, str], spent: Mapping[str, Mapping[Window, int]]
+    ) -> int:
+        """Set every node's spent counters in ``windows`` (and recount held money from the open holds)."""
+        node_ids = sorted(spent)
+        keys = [self.keys.holds(account_id), *(self.keys.node(account_id, node_id) for node_id in node_ids)]
+        args: list[str | int] = [windows[Window.DAY], windows[Window.WEEK], windows[Window.MONTH]]
+        for node_id in node_ids:
+            args += [spent[node_id].get(window, 0) for window in (Window.DAY, Window.WEEK, Window.MONTH, Window.TOTAL)]
+        reply = await self._call(self._scripts["restore_counters"](keys=keys, args=args), timeout_s=BULK_TIMEOUT_S)
+        return int(reply)
 
     async def backlog(self, account_id: str) -> Backlog:
         """Return an account's open holds and ledger outbox backlog (the writer trims what it committed)."""

@@ -1,0 +1,146 @@
+"""BillingService: the ledger's transactions, spend reports and lag. Proto types never leave this module."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from spendgate._gen.spendgate.v1 import billing_pb2, billing_pb2_grpc
+from spendgate.api.auth import Authenticator
+from spendgate.api.errors import grpc_errors
+from spendgate.domain import InvalidArgumentError, check_id
+from spendgate.ledger import LedgerSink, LedgerTransaction, LedgerWriter, ReportGroup, ReportPeriod, TransactionFilter
+from spendgate.store.redis_store import RedisStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 1000
+
+
+def encode_transaction(txn: LedgerTransaction) -> billing_pb2.Transaction:
+    """Encode one ledger transaction."""
+    return billing_pb2.Transaction(
+        txn_id=txn.txn_id,
+        account_id=txn.account_id,
+        wallet_id=txn.wallet_id,
+        chain=list(txn.chain),
+        amount_micros=txn.amount_micros,
+        authorized_micros=txn.authorized_micros,
+        currency=txn.currency,
+        service=txn.service,
+        metadata=dict(txn.metadata),
+        authorized_at_ms=txn.authorized_at_ms,
+        captured_at_ms=txn.captured_at_ms,
+        day=txn.day,
+        week=txn.week,
+        month=txn.month,
+    )
+
+
+def _filter(node_id: str, since_ms: int, until_ms: int, service: str) -> TransactionFilter:
+    check_id(node_id, "node_id")
+    if since_ms < 0 or until_ms < 0:
+        raise InvalidArgumentError("since_ms and until_ms are milliseconds since the Unix epoch (or 0 for no bound)")
+    if since_ms and until_ms and until_ms <= since_ms:
+        raise InvalidArgumentError("until_ms must be after since_ms")
+    return TransactionFilter(
+        node_id=node_id, since_ms=since_ms or None, until_ms=until_ms or None, service=service or None
+    )
+
+
+class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+    """The gRPC face of the ledger."""
+
+    def __init__(
+        self, ledger: LedgerSink, store: RedisStore, auth: Authenticator, lag_source: LedgerWriter | None
+    ) -> None:
+        self._ledger = ledger
+        self._store = store
+        self._auth = auth
+        self._lag_source = lag_source
+
+    async def _require(self, context: Context, node_id: str) -> None:
+        check_id(node_id, "node_id")
+        if self._auth.enabled:
+            account_id = await self._store.account_of(node_id)
+            await self._auth.require(context, account_id=account_id, write=False, node_id=node_id)
+
+    @grpc_errors
+    async def ListTransactions(
+        self, request: billing_pb2.ListTransactionsRequest, context: Context
+    ) -> billing_pb2.ListTransactionsResponse:
+        """One page of settled transactions under a node."""
+        filters = _filter(request.node_id, request.since_ms, request.until_ms, request.service)
+        if not 0 <= request.page_size <= PAGE_SIZE_MAX:
+            raise InvalidArgumentError(f"page_size must be from 1 to {PAGE_SIZE_MAX} (0 means {PAGE_SIZE_DEFAULT})")
+        await self._require(context, request.node_id)
+        page = await self._ledger.list_transactions(
+            filters, request.page_token or None, request.page_size or PAGE_SIZE_DEFAULT
+        )
+        return billing_pb2.ListTransactionsResponse(
+            transactions=[encode_transaction(txn) for txn in page.transactions], next_page_token=page.next_cursor or ""
+        )
+
+    @grpc_errors
+    async def SpendReport(
+        self, request: billing_pb2.SpendReportRequest, context: Context
+    ) -> billing_pb2.SpendReportResponse:
+        """Spend totals grouped by node level or service, per day or month."""
+        filters = _filter(request.node_id, request.since_ms, request.until_ms, "")
+        await self._require(context, request.node_id)
+        group = ReportGroup(request.group_by) if request.group_by else ReportGroup.WALLET
+        period = ReportPeriod(request.period) if request.period else ReportPeriod.MONTH
+        rows = await self._ledger.spend_report(group, period, filters)
+        return billing_pb2.SpendReportResponse(
+            rows=[
+                billing_pb2.SpendReportRow(
+                    period=row.period,
+                    group=row.group,
+                    amount_micros=row.amount_micros,
+                    transaction_count=row.transaction_count,
+                    currency=row.currency,
+                )
+                for row in rows
+            ]
+        )
+
+    @grpc_errors
+    async def GetLedgerStatus(
+        self, request: billing_pb2.GetLedgerStatusRequest, context: Context
+    ) -> billing_pb2.GetLedgerStatusResponse:
+        """How far the ledger lags behind the outbox (deployment-wide, so for the root token)."""
+        await self._auth.require(context, account_id=None, write=False)
+        pending, oldest_ms = 0, 0
+        if self._lag_source is not None:
+            lag = await self._lag_source.lag()
+            pending, oldest_ms = lag.entries, lag.oldest_age_ms
+        return billing_pb2.GetLedgerStatusResponse(
+            pending_entries=pending,
+            oldest_pending_age_ms=oldest_ms,
+            ledger_transactions=await self._ledger.count_transactions(),
+        )
+
+
+def transaction_json(txn: LedgerTransaction) -> str:
+    """One transaction as a JSON line (for exports)."""
+    return json.dumps(
+        {
+            "txn_id": txn.txn_id,
+            "account_id": txn.account_id,
+            "wallet_id": txn.wallet_id,
+            "chain": list(txn.chain),
+            "amount_micros": txn.amount_micros,
+            "authorized_micros": txn.authorized_micros,
+            "currency": txn.currency,
+            "service": txn.service,
+            "metadata": dict(txn.metadata),
+            "authorized_at_ms": txn.authorized_at_ms,
+            "captured_at_ms": txn.captured_at_ms,
+            "day": txn.day,
+            "week": txn.week,
+            "month": txn.month,
+        },
+        sort_keys=True,
+    )

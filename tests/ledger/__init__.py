@@ -1,0 +1,1 @@
+"""Tests of the durable ledger: both backends, the writer, and reconciliation."""
