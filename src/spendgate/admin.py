@@ -7,6 +7,7 @@ Like :mod:`spendgate.core` it holds no limit logic and no driver. Every change i
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import enum
 import json
 from collections.abc import Callable
@@ -25,11 +26,15 @@ from spendgate.domain import (
     NotFoundError,
     check_id,
 )
+from spendgate.ledger.sink import TransactionFilter, TransactionPage
 from spendgate.money import format_amount
+from spendgate.recommend import Recommendation, Spend, Stage, recommend
 from spendgate.store.protocol import AdminStore, TokenRecord
 from spendgate.windows import windows_at
 
 EVENT_CONFIG = "7"
+DAYS_MAX = 366
+RECOMMEND_TRANSACTIONS_MAX = 1_000_000
 
 
 class ChangeKind(enum.IntEnum):
@@ -83,6 +88,16 @@ class ConfigLog(Protocol):
 
     async def record_config(self, plan: AccountPlan, *, actor: str, at_ms: int) -> int:
         """Record the account's whole configuration after a change; return its version."""
+        ...
+
+
+class TransactionSource(Protocol):
+    """Where settled transactions are read from (the ledger), for recommendations."""
+
+    async def list_transactions(
+        self, filters: TransactionFilter, cursor: str | None = None, limit: int = 100
+    ) -> TransactionPage:
+        """One page of transactions."""
         ...
 
 
@@ -187,12 +202,14 @@ class AdminCore:
         clock: Clock,
         audit: AuditLog | None = None,
         config_log: ConfigLog | None = None,
+        transactions: TransactionSource | None = None,
     ) -> None:
         self.store = store
         self._spend = spend
         self._clock = clock
         self._audit: AuditLog = audit or NoAuditLog()
         self._config_log = config_log
+        self._transactions = transactions
 
     async def _record_config(self, account_id: str, actor: str) -> None:
         """Keep the account's configuration as it is now in the configuration history."""
@@ -477,6 +494,51 @@ class AdminCore:
             after=None if action.endswith("revoke") else described,
             at_ms=self._clock.now_ms(),
         )
+
+    async def recommend_plan(
+        self, account_id: str, *, stage: Stage | None, multiplier: decimal.Decimal | None, days: int
+    ) -> tuple[list[Recommendation], AccountPlan, list[PlanChange]]:
+        """Size every wallet that spent in the last ``days`` days from the ledger's actuals.
+
+        Returns the per-wallet figures, the account's plan with the recommended day and per-transaction
+        limits, and what applying that plan would change.
+        """
+        if self._transactions is None:
+            raise FailedPreconditionError("recommendations need the ledger; this server runs without one")
+        if not 1 <= days <= DAYS_MAX:
+            raise InvalidArgumentError(f"days must be from 1 to {DAYS_MAX}")
+        check_id(account_id, "account_id")
+        plan = await self.store.read_plan(account_id)
+        if plan is None:
+            raise NotFoundError(f"no account {account_id!r}")
+        until_ms = self._clock.now_ms()
+        since_ms = until_ms - days * 86_400_000
+        spend: list[Spend] = []
+        cursor: str | None = None
+        while True:
+            page = await self._transactions.list_transactions(
+                TransactionFilter(node_id=account_id, since_ms=since_ms, until_ms=until_ms), cursor, 1000
+            )
+            spend += [Spend(t.wallet_id, t.day, t.amount_micros) for t in page.transactions]
+            if len(spend) > RECOMMEND_TRANSACTIONS_MAX:
+                raise InvalidArgumentError(f"more than {RECOMMEND_TRANSACTIONS_MAX} transactions: ask for fewer days")
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        recommendations = recommend(spend, days=days, stage=stage, multiplier=multiplier)
+        by_wallet = {r.wallet_id: r for r in recommendations}
+        nodes = []
+        for node in plan.nodes:
+            advice = by_wallet.get(node.node_id)
+            if advice is None or node.kind is not NodeKind.WALLET:
+                nodes.append(node)
+                continue
+            limits = dataclasses.replace(
+                node.limits, day_micros=advice.day_limit_micros, per_transaction_micros=advice.per_transaction_micros
+            )
+            nodes.append(dataclasses.replace(node, limits=limits))
+        proposed = dataclasses.replace(plan, nodes=tuple(nodes))
+        return recommendations, proposed, await self.plan_changes(proposed)
 
     # ------------------------------------------------------------------------------------------------
     # Reports.

@@ -295,7 +295,7 @@ async def create_server(
     ledger = open_ledger(settings.database_url, data_dir=settings.data_dir) if settings.ledger else None
     if ledger is not None:
         await _prepare_ledger(ledger, store, clock, restore=store.in_process)
-    admin = AdminCore(store, core, clock, audit=ledger, config_log=ledger)
+    admin = AdminCore(store, core, clock, audit=ledger, config_log=ledger, transactions=ledger)
     root_token = settings.admin_token or (new_secret() if settings.auth else "")
     auth = Authenticator(store, enabled=settings.auth, root_token=root_token)
     if settings.plan:

@@ -982,3 +982,61 @@ def rebuild(account: str) -> None:
         console.print(f"rebuilt {account_id}: {count} window counter(s) restored from the ledger", highlight=False)
     if not restored:
         fail("the ledger holds no account configuration to rebuild from")
+
+
+@cli.command()
+@click.option("--account", required=True, help="The account whose wallets to size.")
+@click.option(
+    "--stage",
+    type=click.Choice(["week1", "week3", "month2"]),
+    default=None,
+    help="Ramp-up stage: week1 2x expected, week3 4x, month2 busiest day + 20 %.",
+)
+@click.option("--multiplier", type=float, default=None, help="A safety multiplier instead of a stage.")
+@click.option("--days", type=int, default=7, show_default=True, help="Days of actuals to read.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the recommended plan here (then: spendgate apply FILE).",
+)
+@click.pass_context
+def recommend(
+    context: click.Context, account: str, stage: str | None, multiplier: float | None, days: int, output: str | None
+) -> None:
+    """Recommend wallet limits from the ledger's actuals.
+
+    Day limit = calls per day x average cost x multiplier; per transaction = 2x the priciest call.
+    """
+    if (stage is None) == (multiplier is None):
+        fail("give either --stage or --multiplier")
+    with _admin(context) as admin:
+        wallets, plan_yaml, changes = _call(
+            lambda: admin.recommend(account, stage=stage or "", multiplier=multiplier or 0.0, days=days)
+        )
+    table = Table(title=f"recommended limits for {account} from {days} day(s) of actuals", title_justify="left")
+    for column in ("wallet", "calls/day", "avg cost", "priciest", "x", "day limit", "per transaction"):
+        table.add_column(column, justify="left" if column == "wallet" else "right", no_wrap=True)
+    for w in wallets:
+        table.add_row(
+            w["wallet_id"],
+            f"{w['calls_per_day']:.2f}",
+            format_amount(w["average_cost_micros"]),
+            format_amount(w["priciest_micros"]),
+            f"{w['multiplier']:g}" if w["multiplier"] else "busiest",
+            format_amount(w["day_limit_micros"]),
+            format_amount(w["per_transaction_micros"]),
+        )
+    console.print(table)
+    for change in changes:
+        console.print(
+            f"[yellow]{change.kind:>8}[/] {change.node_id}\n           {change.before}\n        -> {change.after}",
+            highlight=False,
+        )
+    if output:
+        with open(output, "w") as handle:
+            handle.write(plan_yaml)
+        console.print(f"wrote {output}; apply it with: spendgate apply {output}", highlight=False)
+    elif not changes:
+        console.print("the current limits already match the recommendation")

@@ -522,6 +522,33 @@ class AdminClient:
         request = admin_pb2.DeleteNodeRequest(node_id=node_id, force=force)
         return list(self._unary(self._stub.DeleteNode, request).removed_node_ids)
 
+    def recommend(
+        self, account_id: str, *, stage: str = "", multiplier: float = 0.0, days: int = 7
+    ) -> tuple[list[dict[str, Any]], str, tuple[PlanChangeView, ...]]:
+        """Limits from actuals: (per-wallet figures, the plan as YAML, what applying it would change)."""
+        request = admin_pb2.RecommendLimitsRequest(
+            account_id=account_id,
+            stage=f"RAMP_UP_STAGE_{stage.upper()}" if stage else "RAMP_UP_STAGE_UNSPECIFIED",
+            safety_multiplier=multiplier,
+            days=days,
+        )
+        response = self._unary(self._stub.RecommendLimits, request)
+        wallets = [
+            {field.name: getattr(w, field.name) for field in admin_pb2.WalletRecommendation.DESCRIPTOR.fields}
+            for w in response.wallets
+        ]
+        changes = tuple(
+            PlanChangeView(
+                c.node_id,
+                admin_pb2.ChangeKind.Name(c.kind).removeprefix("CHANGE_KIND_").lower(),
+                c.before,
+                c.after,
+                c.unsafe_reason,
+            )
+            for c in response.changes
+        )
+        return wallets, str(response.plan_yaml), changes
+
     def watch(self, node_id: str = "", kinds: Sequence[str] = ()) -> Iterator[Event]:
         """Stream events under a node (everything when empty) until the caller stops iterating."""
         codes = [f"EVENT_KIND_{kind.upper()}" for kind in kinds]

@@ -16,7 +16,11 @@ MICROS_PER_UNIT = 1_000_000
 # + the new amount stays exact in the scripts' comparisons.
 MONEY_MICROS_MAX = 1_000_000_000 * MICROS_PER_UNIT
 
-_AMOUNT = re.compile(r"^\$?\s*(?P<number>[0-9][0-9,_]*(\.[0-9]*)?|\.[0-9]+)\s*(?P<currency>[A-Za-z]{3})?$")
+# Commas only as thousands separators ("3,000", "1,234,567.5"): "1,5" or "0,250" is a decimal comma, which read
+# as "15" or "250" would set a limit ten or a thousand times too high, so it is refused rather than guessed.
+_AMOUNT = re.compile(
+    r"^\$?\s*(?P<number>([1-9][0-9]{0,2}(,[0-9]{3})+|[0-9][0-9_]*)(\.[0-9]*)?|\.[0-9]+)\s*(?P<currency>[A-Za-z]{3})?$"
+)
 
 
 class MoneyError(ValueError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import decimal
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import grpc
 import yaml
 
 from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2
-from spendgate.admin import AdminCore, PlanChange, describe_node, subtree
+from spendgate.admin import AdminCore, PlanChange, describe_node, plan_to_document, subtree
 from spendgate.api.auth import Authenticator, Principal, issue_token
 from spendgate.api.codec import encode_budget
 from spendgate.api.errors import grpc_errors, status_of
@@ -29,6 +31,7 @@ from spendgate.domain import (
 )
 from spendgate.money import MONEY_MICROS_MAX
 from spendgate.plan import VELOCITY_MAX, PlanError, parse_plan
+from spendgate.recommend import Stage
 from spendgate.store.protocol import TokenRecord
 from spendgate.store.redis_store import RedisStore
 
@@ -379,3 +382,43 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if node.node_id == node_id:
                 return node.kind
         raise NotFoundError(f"no node {node_id!r}")
+
+    @grpc_errors
+    async def RecommendLimits(
+        self, request: admin_pb2.RecommendLimitsRequest, context: Context
+    ) -> admin_pb2.RecommendLimitsResponse:
+        """Propose wallet limits from actuals, as a plan."""
+        check_id(request.account_id, "account_id")
+        await self._auth.require(context, account_id=await self._store.account_of(request.account_id), write=False)
+        stages = {
+            admin_pb2.RAMP_UP_STAGE_WEEK1: Stage.WEEK1,
+            admin_pb2.RAMP_UP_STAGE_WEEK3: Stage.WEEK3,
+            admin_pb2.RAMP_UP_STAGE_MONTH2: Stage.MONTH2,
+        }
+        stage = stages.get(request.stage)
+        multiplier = None
+        if stage is None:
+            if not math.isfinite(request.safety_multiplier):
+                raise InvalidArgumentError("safety_multiplier must be a finite number")
+            multiplier = decimal.Decimal(repr(request.safety_multiplier)) if request.safety_multiplier else None
+        recommendations, plan, changes = await self._admin.recommend_plan(
+            request.account_id, stage=stage, multiplier=multiplier, days=request.days or 7
+        )
+        return admin_pb2.RecommendLimitsResponse(
+            wallets=[
+                admin_pb2.WalletRecommendation(
+                    wallet_id=r.wallet_id,
+                    calls=r.calls,
+                    calls_per_day=float(r.calls_per_day),
+                    average_cost_micros=int(r.average_cost_micros),
+                    priciest_micros=r.priciest_micros,
+                    busiest_day_micros=r.busiest_day_micros,
+                    multiplier=float(r.multiplier or 0),
+                    day_limit_micros=r.day_limit_micros,
+                    per_transaction_micros=r.per_transaction_micros,
+                )
+                for r in recommendations
+            ],
+            plan_yaml=yaml.safe_dump(plan_to_document(plan), sort_keys=False),
+            changes=[encode_change(change, plan.currency) for change in changes],
+        )

@@ -1,9 +1,11 @@
-"""Where the server's time goes: py-spy's collapsed stacks summed per function.
+"""Where the server's time goes: py-spy's collapsed stacks summed per function and per area.
 
-``py-spy record --format raw`` writes one line per distinct stack, ``frame;frame;...;leaf count``, each frame
-``function (file:line)``. Summed per function (lines dropped): *self* is the share of samples with the
-function as the leaf, *inclusive* the share with it anywhere on the stack. The raw file itself loads into
-speedscope or flamegraph.pl for a picture.
+``py-spy record --native --format raw`` writes one line per distinct stack, ``frame;frame;...;leaf count``, each
+frame ``function (file:line)`` (native frames name their library). Summed per function (lines dropped):
+*self* is the share of samples with the function as the leaf, *inclusive* the share with it anywhere on the
+stack. Per *area*, each sample goes to the deepest frame that belongs to a known part of the stack (spendgate's
+API, core or store, redis-py, gRPC, the ledger writer, metrics, asyncio...); stdlib helpers count for their
+caller. The raw file itself loads into speedscope or flamegraph.pl for a picture.
 """
 
 from __future__ import annotations
@@ -13,6 +15,48 @@ import re
 
 _LINE = re.compile(r":\d+\)$")
 TOP_DEFAULT = 15
+# Leaves that mean a thread was waiting, not working.
+_IDLE_LEAVES = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_wait", "pthread_cond_timedwait")
+# Path fragments of frames, deepest match wins; the first entry that matches a frame names its area.
+_AREAS = (
+    ("spendgate/ledger/", "spendgate ledger writer"),
+    ("prometheus_client/", "metrics"),
+    ("spendgate/metrics.py", "metrics"),
+    ("spendgate/store/", "spendgate store (script args, replies, batching)"),
+    ("spendgate/core.py", "spendgate core (validation, chain, windows)"),
+    ("spendgate/windows.py", "spendgate core (validation, chain, windows)"),
+    ("spendgate/domain.py", "spendgate core (validation, chain, windows)"),
+    ("spendgate/clock.py", "spendgate core (validation, chain, windows)"),
+    ("spendgate/api/", "spendgate API (decode, encode, guard)"),
+    ("spendgate/bench/", "benchmark empty handler"),
+    ("redis/", "redis-py client"),
+    ("asyncio/streams.py", "redis-py client"),
+    ("google/protobuf", "protobuf"),
+    ("_message.abi3", "protobuf"),
+    ("asyncio/", "asyncio tasks and futures"),
+    ("_asynciomodule", "asyncio tasks and futures"),
+    ("cygrpc", "gRPC (C core, Cython, syscalls)"),
+    ("grpc/", "gRPC (C core, Cython, syscalls)"),
+    ("libgrpc", "gRPC (C core, Cython, syscalls)"),
+)
+# Frames that never name an area (helpers count for whoever called them; the loop itself is the fallback).
+_NEUTRAL = (
+    "uuid.py",
+    "json/",
+    "hashlib",
+    "enum.py",
+    "dataclasses.py",
+    "abc",
+    "typing.py",
+    "re/",
+    "_datetimemodule",
+    "zoneinfo",
+    "libc.so",
+    "libpython",
+    "object.h",
+    "<string>",
+)
+_FALLBACK = "event loop and other native code"
 
 
 def _function(frame: str) -> str:
@@ -20,10 +64,24 @@ def _function(frame: str) -> str:
     return _LINE.sub(")", frame.strip())
 
 
+def area_of(frames: list[str]) -> str:
+    """The area one sample's time belongs to (see the module's docstring)."""
+    if frames and frames[-1].startswith(_IDLE_LEAVES):
+        return "idle (waiting for events)"
+    for frame in reversed(frames):
+        if any(part in frame for part in _NEUTRAL):
+            continue
+        for part, area in _AREAS:
+            if part in frame:
+                return area
+    return _FALLBACK
+
+
 def summarise(raw: str, top: int = TOP_DEFAULT) -> dict[str, object]:
-    """The samples, and the functions with the most self and inclusive time (percent of samples)."""
+    """The samples; the functions with the most self and inclusive time; the time per area (percent)."""
     own: collections.Counter[str] = collections.Counter()
     anywhere: collections.Counter[str] = collections.Counter()
+    areas: collections.Counter[str] = collections.Counter()
     samples = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -35,10 +93,13 @@ def summarise(raw: str, top: int = TOP_DEFAULT) -> dict[str, object]:
             continue
         samples += count
         own[frames[-1]] += count
+        areas[area_of(frames)] += count
         for function in set(frames):
             anywhere[function] += count
 
-    def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
-        return [(name, round(100 * count / samples, 1)) for name, count in counter.most_common(top)]
+    def share(counter: collections.Counter[str], limit: int | None = top) -> list[tuple[str, float]]:
+        if not samples:
+            return []
+        return [(name, round(100 * count / samples, 1)) for name, count in counter.most_common(limit)]
 
-    return {"samples": samples, "self": share(own) if samples else [], "inclusive": share(anywhere) if samples else []}
+    return {"samples": samples, "areas": share(areas, None), "self": share(own), "inclusive": share(anywhere)}

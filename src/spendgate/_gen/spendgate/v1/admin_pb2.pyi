@@ -34,6 +34,13 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_FREEZE: _ClassVar[EventKind]
     EVENT_KIND_UNFREEZE: _ClassVar[EventKind]
     EVENT_KIND_CONFIG: _ClassVar[EventKind]
+
+class RampUpStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RAMP_UP_STAGE_UNSPECIFIED: _ClassVar[RampUpStage]
+    RAMP_UP_STAGE_WEEK1: _ClassVar[RampUpStage]
+    RAMP_UP_STAGE_WEEK3: _ClassVar[RampUpStage]
+    RAMP_UP_STAGE_MONTH2: _ClassVar[RampUpStage]
 TOKEN_ROLE_UNSPECIFIED: TokenRole
 TOKEN_ROLE_AGENT: TokenRole
 TOKEN_ROLE_READER: TokenRole
@@ -51,6 +58,10 @@ EVENT_KIND_ALERT: EventKind
 EVENT_KIND_FREEZE: EventKind
 EVENT_KIND_UNFREEZE: EventKind
 EVENT_KIND_CONFIG: EventKind
+RAMP_UP_STAGE_UNSPECIFIED: RampUpStage
+RAMP_UP_STAGE_WEEK1: RampUpStage
+RAMP_UP_STAGE_WEEK3: RampUpStage
+RAMP_UP_STAGE_MONTH2: RampUpStage
 
 class Token(_message.Message):
     __slots__ = ("token_id", "role", "scope_node_id", "account_id", "name", "created_at_ms")
@@ -317,3 +328,47 @@ class WatchEventsResponse(_message.Message):
     message: str
     authorization_id: str
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., at_ms: _Optional[int] = ..., account_id: _Optional[str] = ..., node_id: _Optional[str] = ..., chain: _Optional[_Iterable[str]] = ..., amount_micros: _Optional[int] = ..., decision: _Optional[_Union[_spend_pb2.Decision, str]] = ..., deny_reason: _Optional[_Union[_spend_pb2.DenyReason, str]] = ..., window: _Optional[_Union[_spend_pb2.Window, str]] = ..., threshold_percent: _Optional[int] = ..., message: _Optional[str] = ..., authorization_id: _Optional[str] = ...) -> None: ...
+
+class RecommendLimitsRequest(_message.Message):
+    __slots__ = ("account_id", "stage", "safety_multiplier", "days")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    stage: RampUpStage
+    safety_multiplier: float
+    days: int
+    def __init__(self, account_id: _Optional[str] = ..., stage: _Optional[_Union[RampUpStage, str]] = ..., safety_multiplier: _Optional[float] = ..., days: _Optional[int] = ...) -> None: ...
+
+class WalletRecommendation(_message.Message):
+    __slots__ = ("wallet_id", "calls", "calls_per_day", "average_cost_micros", "priciest_micros", "busiest_day_micros", "multiplier", "day_limit_micros", "per_transaction_micros")
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_COST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    PRICIEST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    BUSIEST_DAY_MICROS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DAY_LIMIT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    PER_TRANSACTION_MICROS_FIELD_NUMBER: _ClassVar[int]
+    wallet_id: str
+    calls: int
+    calls_per_day: float
+    average_cost_micros: int
+    priciest_micros: int
+    busiest_day_micros: int
+    multiplier: float
+    day_limit_micros: int
+    per_transaction_micros: int
+    def __init__(self, wallet_id: _Optional[str] = ..., calls: _Optional[int] = ..., calls_per_day: _Optional[float] = ..., average_cost_micros: _Optional[int] = ..., priciest_micros: _Optional[int] = ..., busiest_day_micros: _Optional[int] = ..., multiplier: _Optional[float] = ..., day_limit_micros: _Optional[int] = ..., per_transaction_micros: _Optional[int] = ...) -> None: ...
+
+class RecommendLimitsResponse(_message.Message):
+    __slots__ = ("wallets", "plan_yaml", "changes")
+    WALLETS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_YAML_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    wallets: _containers.RepeatedCompositeFieldContainer[WalletRecommendation]
+    plan_yaml: str
+    changes: _containers.RepeatedCompositeFieldContainer[PlanChange]
+    def __init__(self, wallets: _Optional[_Iterable[_Union[WalletRecommendation, _Mapping]]] = ..., plan_yaml: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[PlanChange, _Mapping]]] = ...) -> None: ...

@@ -82,6 +82,11 @@ class AdminServiceStub:
                 request_serializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.RecommendLimits = channel.unary_unary(
+                '/spendgate.v1.AdminService/RecommendLimits',
+                request_serializer=spendgate_dot_v1_dot_admin__pb2.RecommendLimitsRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_admin__pb2.RecommendLimitsResponse.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/spendgate.v1.AdminService/CreateToken',
                 request_serializer=spendgate_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
@@ -168,6 +173,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendLimits(self, request, context):
+        """RecommendLimits proposes wallet limits from the ledger's actuals, as a plan that ApplyPlan accepts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateToken(self, request, context):
         """CreateToken issues a token; its secret is returned once and stored only as a hash.
         """
@@ -236,6 +248,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_admin__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'RecommendLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendLimits,
+                    request_deserializer=spendgate_dot_v1_dot_admin__pb2.RecommendLimitsRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_admin__pb2.RecommendLimitsResponse.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -498,6 +515,33 @@ class AdminService:
             '/spendgate.v1.AdminService/WatchEvents',
             spendgate_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
             spendgate_dot_v1_dot_admin__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.AdminService/RecommendLimits',
+            spendgate_dot_v1_dot_admin__pb2.RecommendLimitsRequest.SerializeToString,
+            spendgate_dot_v1_dot_admin__pb2.RecommendLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
