@@ -19,6 +19,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+
 from helpers import (
     START_MS,
     RedisServerError,
@@ -29,7 +30,6 @@ from helpers import (
     start_redis_server,
     suppress_connection_errors,
 )
-
 from spendgate.clock import ManualClock
 from spendgate.core import SpendCore
 from spendgate.domain import AccountPlan
@@ -63,9 +63,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     skipped = sum(
         1 for report in terminalreporter.stats.get("skipped", []) if "Redis is missing" in str(report.longrepr)
     )
-    terminalreporter.write_sep(
-        "!", f"WARNING: {skipped} tests against a real Redis were SKIPPED", red=True, bold=True
-    )
+    terminalreporter.write_sep("!", f"WARNING: {skipped} tests against a real Redis were SKIPPED", red=True, bold=True)
     terminalreporter.write_line(_REDIS_MISSING[0], red=True, bold=True)
 
 
@@ -73,18 +71,24 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a real Redis the tests may write to (under their own key prefixes)."""
     external = os.environ.get("SPENDGATE_TEST_REDIS_URL")
+    # The skip or failure is raised outside the except blocks, so its report is one message, not a chain.
+    problem = ""
     if external:
         try:
             with redis.Redis.from_url(external, socket_connect_timeout=5, socket_timeout=5) as probe:
                 probe.ping()
         except (redis.exceptions.RedisError, OSError) as error:
-            _redis_missing(f"SPENDGATE_TEST_REDIS_URL={external} does not answer ({error})")
+            problem = f"SPENDGATE_TEST_REDIS_URL={external} does not answer ({error})"
+        if problem:
+            _redis_missing(problem)
         yield external
         return
     try:
         server = start_redis_server(directory=tmp_path_factory.mktemp("redis"))
     except RedisServerError as error:
-        _redis_missing(f"{error}, and SPENDGATE_TEST_REDIS_URL is not set")
+        problem = f"{error}, and SPENDGATE_TEST_REDIS_URL is not set"
+    if problem:
+        _redis_missing(problem)
     try:
         yield server.url
     finally:

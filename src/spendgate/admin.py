@@ -238,9 +238,9 @@ class AdminCore:
             after=node_record(after),
             at_ms=now_ms,
         )
-        await self.store.append_event(
+        await self.store.append_events(
             account_id,
-            {"k": EVENT_CONFIG, "at": str(now_ms), "node": node_id, "chain": node_id, "amt": "0", "msg": message},
+            [{"k": EVENT_CONFIG, "at": str(now_ms), "node": node_id, "chain": node_id, "amt": "0", "msg": message}],
         )
 
     async def _plan_of(self, node_id: str) -> tuple[AccountPlan, NodeSpec]:
@@ -330,16 +330,31 @@ class AdminCore:
             await self.store.delete_node(plan.account_id, change.node_id, force=force, windows=windows)
             if progress is not None:
                 progress(len(writes) + index, total)
+        now_ms = self._clock.now_ms()
         for change in changes:
-            await self._record(
-                actor,
-                f"plan.{change.kind.name.lower()}",
-                plan.account_id,
-                change.node_id,
-                change.before,
-                change.after,
-                f"plan {change.kind.name.lower()} {change.node_id}",
+            await self._audit.record_audit(
+                actor=actor,
+                action=f"plan.{change.kind.name.lower()}",
+                node_id=change.node_id,
+                before=node_record(change.before),
+                after=node_record(change.after),
+                at_ms=now_ms,
             )
+        # One pipelined write for the feed, however large the plan.
+        await self.store.append_events(
+            plan.account_id,
+            [
+                {
+                    "k": EVENT_CONFIG,
+                    "at": str(now_ms),
+                    "node": change.node_id,
+                    "chain": change.node_id,
+                    "amt": "0",
+                    "msg": f"plan {change.kind.name.lower()} {change.node_id}",
+                }
+                for change in changes
+            ],
+        )
         await self._record_config(plan.account_id, actor)
         return changes
 

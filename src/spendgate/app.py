@@ -310,7 +310,9 @@ async def create_server(
         )
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", settings.message_size_max_bytes),
+            # The transport admits the largest request of any method (a plan); each method's own bound is
+            # enforced before decoding (see add_guarded).
+            ("grpc.max_receive_message_length", max(settings.message_size_max_bytes, settings.plan_size_max_bytes)),
             ("grpc.max_metadata_size", settings.metadata_size_max_bytes),
             ("grpc.max_concurrent_streams", settings.streams_per_connection_max),
             ("grpc.so_reuseport", 0),
@@ -318,8 +320,20 @@ async def create_server(
         maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
         interceptors=[MetricsInterceptor(metrics)],
     )
-    add_guarded(server, spend_pb2_grpc.add_SpendServiceServicer_to_server, SpendServicer(core, auth, metrics))
-    add_guarded(server, admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(admin, store, auth, clock))
+    size_max = settings.message_size_max_bytes
+    add_guarded(
+        server,
+        spend_pb2_grpc.add_SpendServiceServicer_to_server,
+        SpendServicer(core, auth, metrics),
+        size_max_bytes=size_max,
+    )
+    add_guarded(
+        server,
+        admin_pb2_grpc.add_AdminServiceServicer_to_server,
+        AdminServicer(admin, store, auth, clock),
+        size_max_bytes=size_max,
+        size_max_bytes_by_method={"ApplyPlan": settings.plan_size_max_bytes},
+    )
     services = [SPEND_SERVICE, ADMIN_SERVICE]
     if ledger is not None:
         # Lag is read by a writer object over the store's client; it never blocks, so it needs no client of its own.
@@ -328,6 +342,7 @@ async def create_server(
             server,
             billing_pb2_grpc.add_BillingServiceServicer_to_server,
             BillingServicer(ledger, store, auth, lag_reader),
+            size_max_bytes=size_max,
         )
         services.append(BILLING_SERVICE)
     health = HealthServicer()

@@ -34,9 +34,11 @@ _WINDOW_NAMES = {1: "day", 2: "week", 3: "month", 4: "total"}
 class Metrics:
     """The server's metrics and the registry they live in."""
 
-    def __init__(self, nodes_max: int = 1000) -> None:
+    def __init__(self, nodes_max: int = 1000, nodes_scan_max: int = 10_000) -> None:
         self.registry = CollectorRegistry()
         self.nodes_max = nodes_max
+        # Reading budgets costs one script call per node per refresh; past this many nodes the scan stops.
+        self.nodes_scan_max = nodes_scan_max
         # The /metrics HTTP server and its thread, while it runs.
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.rpc_seconds = Histogram(
@@ -155,8 +157,13 @@ async def collect_forever(
 
 
 async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[str], Awaitable[Any]]) -> None:
-    """One refresh of the Redis-backed gauges."""
-    rows: list[tuple[float, str, str, int, int, int | None]] = []
+    """One refresh of the Redis-backed gauges.
+
+    Up to ``nodes_scan_max`` nodes are read; the ``nodes_max`` busiest of them (by their highest utilization
+    of any window) get per-node series, with all four windows each.
+    """
+    ranked: list[tuple[float, str, list[tuple[str, int, int, int | None, float]]]] = []
+    scanned = 0
     for account_id in await store.account_ids():
         counts = await store.backlog(account_id)
         metrics.holds.labels(account_id).set(counts.holds)
@@ -164,24 +171,30 @@ async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[s
         metrics.outbox_age.labels(account_id).set(counts.outbox_oldest_age_ms / 1000)
         plan = await store.read_plan(account_id)
         for node in plan.nodes if plan else ():
-            if len(rows) >= metrics.nodes_max * 4:
+            if scanned >= metrics.nodes_scan_max:
                 break
+            scanned += 1
             budget = await budgets(node.node_id)
+            windows = []
             for window in budget.windows:
                 used = window.spent_micros + window.held_micros
                 ratio = used / window.limit_micros if window.limit_micros else 0.0
-                rows.append(
+                windows.append(
                     (
-                        ratio,
-                        node.node_id,
                         _WINDOW_NAMES[int(window.window)],
                         window.spent_micros,
                         window.held_micros,
                         window.limit_micros,
+                        ratio,
                     )
                 )
-    rows.sort(key=lambda row: -row[0])
-    kept = rows[: metrics.nodes_max * 4]
+            ranked.append((max((w[4] for w in windows), default=0.0), node.node_id, windows))
+    ranked.sort(key=lambda row: (-row[0], row[1]))
+    kept = [
+        (ratio, node_id, window_name, spent, held, limit)
+        for _, node_id, windows in ranked[: metrics.nodes_max]
+        for window_name, spent, held, limit, ratio in windows
+    ]
     for gauge in (metrics.spent, metrics.held, metrics.utilization):
         gauge.clear()
     for ratio, node_id, window_name, spent, held, limit in kept:

@@ -71,6 +71,8 @@ class Settings:
     # Utilization thresholds (percent of a window's limit) that raise an alert, once per window.
     alert_percents: str = "50,80,100"
     message_size_max_bytes: int = 64 * 1024
+    # ApplyPlan's own bound: a plan of 100,000 wallets is about 8 MiB of YAML.
+    plan_size_max_bytes: int = 32 * 1024 * 1024
     metadata_size_max_bytes: int = 8 * 1024
     holds_per_wallet_max: int = 1000
     # HTTP/2 streams one client connection may have open at once; more wait for a free one.

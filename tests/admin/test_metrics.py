@@ -87,11 +87,6 @@ def test_per_node_series_are_bounded(start_fleet: StartFleet) -> None:
         assert len([name for name, _ in samples if name == gauge]) == 2 * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: collect_once stops reading budgets after the first nodes_max nodes in plan order and only then "
-    "sorts them, so the busiest nodes are not the ones exported when a fleet has more than nodes_max nodes",
-)
 def test_the_busiest_nodes_get_the_per_node_series(start_fleet: StartFleet) -> None:
     port = free_port()
     fleet = start_fleet(metrics_port=port, metrics_interval_s=0.05, metrics_nodes_max=2)

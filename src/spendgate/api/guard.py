@@ -17,12 +17,20 @@ class _Malformed:
     """Stands in for a request that could not be decoded."""
 
 
+class _TooLarge:
+    """Stands in for a request over its method's size bound (it is never decoded)."""
+
+
 MALFORMED = _Malformed()
+TOO_LARGE = _TooLarge()
 _MESSAGE = "the request is not a valid {} message: check that the client uses spendgate's protos"
+_TOO_LARGE = "the {} request is over its size bound of {} bytes"
 
 
-def _safe(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _safe(deserializer: Callable[[bytes], Any], size_max_bytes: int) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        if len(data) > size_max_bytes:
+            return TOO_LARGE
         try:
             return deserializer(data)
         except (DecodeError, ValueError):
@@ -31,29 +39,34 @@ def _safe(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _guard(name: str, handler: Any) -> Any:
-    message = _MESSAGE.format(name)
+async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any], name: str, size_max_bytes: int) -> None:
+    if request is MALFORMED:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MESSAGE.format(name))
+    if request is TOO_LARGE:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_LARGE.format(name, size_max_bytes))
+
+
+def _guard(name: str, handler: Any, size_max_bytes: int) -> Any:
+    safe = _safe(handler.request_deserializer, size_max_bytes)
     if handler.unary_unary is not None:
         inner_unary = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if request is MALFORMED:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            await _refuse(request, context, name, size_max_bytes)
             return await inner_unary(request, context)
 
-        return handler._replace(request_deserializer=_safe(handler.request_deserializer), unary_unary=unary_unary)
+        return handler._replace(request_deserializer=safe, unary_unary=unary_unary)
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            if request is MALFORMED:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            await _refuse(request, context, name, size_max_bytes)
             async for item in inner_stream(request, context):
                 yield item
 
-        return handler._replace(request_deserializer=_safe(handler.request_deserializer), unary_stream=unary_stream)
+        return handler._replace(request_deserializer=safe, unary_stream=unary_stream)
     # Streaming requests are checked item by item by the servicer (an answer per malformed item).
-    return handler._replace(request_deserializer=_safe(handler.request_deserializer))
+    return handler._replace(request_deserializer=safe)
 
 
 class _Capture:
@@ -71,11 +84,26 @@ class _Capture:
         self.service, self.handlers = service, handlers
 
 
-def add_guarded(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: Any) -> None:
-    """Register ``servicer`` with the generated function ``add``, its handlers guarded against bad bytes."""
+def add_guarded(
+    server: grpc.aio.Server,
+    add: Callable[[Any, Any], None],
+    servicer: Any,
+    *,
+    size_max_bytes: int,
+    size_max_bytes_by_method: dict[str, int] | None = None,
+) -> None:
+    """Register ``servicer`` with the generated function ``add``, its handlers guarded against bad bytes.
+
+    Each request is bounded by ``size_max_bytes`` unless its method has a bound of its own (plans are large;
+    authorizations are not). The transport's own bound must be the largest of them.
+    """
     capture = _Capture()
     add(servicer, capture)
-    handlers = {method: _guard(method, handler) for method, handler in capture.handlers.items()}
+    bounds = size_max_bytes_by_method or {}
+    handlers = {
+        method: _guard(method, handler, bounds.get(method, size_max_bytes))
+        for method, handler in capture.handlers.items()
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
     # grpcio has had this method since 1.63; the type stubs predate it.
     server.add_registered_method_handlers(capture.service, handlers)  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
 from spendgate.api.auth import Authenticator
 from spendgate.api.codec import encode_authorize, encode_budget
 from spendgate.api.errors import grpc_errors, status_of
-from spendgate.api.guard import MALFORMED
+from spendgate.api.guard import MALFORMED, TOO_LARGE
 from spendgate.core import SpendCore
 from spendgate.domain import AuthorizeCommand, InvalidArgumentError, SpendgateError, check_id
 from spendgate.metrics import Metrics
@@ -67,7 +67,7 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
 
         async def decide(item: Any) -> None:
             # Any: a stream item is an AuthorizeStreamRequest, or MALFORMED when its bytes did not decode.
-            if item is MALFORMED:
+            if item is MALFORMED or item is TOO_LARGE:
                 answers.put_nowait(
                     spend_pb2.AuthorizeStreamResponse(
                         error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],

@@ -19,44 +19,44 @@ TOP_DEFAULT = 15
 _IDLE_LEAVES = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_wait", "pthread_cond_timedwait")
 # Path fragments of frames, deepest match wins; the first entry that matches a frame names its area.
 _AREAS = (
-    ("spendgate/ledger/", "spendgate ledger writer"),
-    ("prometheus_client/", "metrics"),
-    ("spendgate/metrics.py", "metrics"),
-    ("spendgate/store/", "spendgate store (script args, replies, batching)"),
-    ("spendgate/core.py", "spendgate core (validation, chain, windows)"),
-    ("spendgate/windows.py", "spendgate core (validation, chain, windows)"),
-    ("spendgate/domain.py", "spendgate core (validation, chain, windows)"),
-    ("spendgate/clock.py", "spendgate core (validation, chain, windows)"),
-    ("spendgate/api/", "spendgate API (decode, encode, guard)"),
-    ("spendgate/bench/", "benchmark empty handler"),
-    ("redis/", "redis-py client"),
-    ("asyncio/streams.py", "redis-py client"),
-    ("google/protobuf", "protobuf"),
-    ("_message.abi3", "protobuf"),
-    ("asyncio/", "asyncio tasks and futures"),
-    ("_asynciomodule", "asyncio tasks and futures"),
+    ("(spendgate/ledger/", "spendgate ledger writer"),
+    ("(prometheus_client/", "metrics"),
+    ("(spendgate/metrics.py", "metrics"),
+    ("(spendgate/store/", "spendgate store (script args, replies, batching)"),
+    ("(spendgate/core.py", "spendgate core (validation, chain, windows)"),
+    ("(spendgate/windows.py", "spendgate core (validation, chain, windows)"),
+    ("(spendgate/domain.py", "spendgate core (validation, chain, windows)"),
+    ("(spendgate/clock.py", "spendgate core (validation, chain, windows)"),
+    ("(spendgate/api/", "spendgate API (decode, encode, guard)"),
+    ("(spendgate/bench/", "benchmark empty handler"),
+    ("(redis/", "redis-py client"),
+    ("(asyncio/streams.py", "redis-py client"),
+    ("(google/protobuf", "protobuf"),
+    ("(_message.abi3", "protobuf"),
+    ("(asyncio/", "asyncio tasks and futures"),
+    ("(_asynciomodule", "asyncio tasks and futures"),
     ("cygrpc", "gRPC (C core, Cython, syscalls)"),
-    ("grpc/", "gRPC (C core, Cython, syscalls)"),
-    ("libgrpc", "gRPC (C core, Cython, syscalls)"),
+    ("(grpc/", "gRPC (C core, Cython, syscalls)"),
 )
 # Frames that never name an area (helpers count for whoever called them; the loop itself is the fallback).
 _NEUTRAL = (
-    "uuid.py",
-    "json/",
-    "hashlib",
-    "enum.py",
-    "dataclasses.py",
-    "abc",
-    "typing.py",
-    "re/",
-    "_datetimemodule",
-    "zoneinfo",
-    "libc.so",
-    "libpython",
-    "object.h",
-    "<string>",
+    "(uuid.py",
+    "(json/",
+    "(hashlib",
+    "(enum.py",
+    "(dataclasses.py",
+    "(<frozen abc>",
+    "(typing.py",
+    "(re/",
+    "(_datetimemodule",
+    "(zoneinfo",
+    "(libc.so",
+    "(libpython",
+    "(object.h",
+    "(<string>",
 )
 _FALLBACK = "event loop and other native code"
+IDLE = "idle (waiting for events)"
 
 
 def _function(frame: str) -> str:
@@ -67,7 +67,7 @@ def _function(frame: str) -> str:
 def area_of(frames: list[str]) -> str:
     """The area one sample's time belongs to (see the module's docstring)."""
     if frames and frames[-1].startswith(_IDLE_LEAVES):
-        return "idle (waiting for events)"
+        return IDLE
     for frame in reversed(frames):
         if any(part in frame for part in _NEUTRAL):
             continue
@@ -78,7 +78,7 @@ def area_of(frames: list[str]) -> str:
 
 
 def summarise(raw: str, top: int = TOP_DEFAULT) -> dict[str, object]:
-    """The samples; the functions with the most self and inclusive time; the time per area (percent)."""
+    """The samples, the idle share, and per area and per function the share of the busy samples (percent)."""
     own: collections.Counter[str] = collections.Counter()
     anywhere: collections.Counter[str] = collections.Counter()
     areas: collections.Counter[str] = collections.Counter()
@@ -97,9 +97,22 @@ def summarise(raw: str, top: int = TOP_DEFAULT) -> dict[str, object]:
         for function in set(frames):
             anywhere[function] += count
 
-    def share(counter: collections.Counter[str], limit: int | None = top) -> list[tuple[str, float]]:
-        if not samples:
-            return []
-        return [(name, round(100 * count / samples, 1)) for name, count in counter.most_common(limit)]
+    idle = areas.pop(IDLE, 0)
+    busy = samples - idle
 
-    return {"samples": samples, "areas": share(areas, None), "self": share(own), "inclusive": share(anywhere)}
+    def share(counter: collections.Counter[str], limit: int | None = top) -> list[tuple[str, float]]:
+        if not busy:
+            return []
+        return [(name, round(100 * count / busy, 1)) for name, count in counter.most_common(limit)]
+
+    for name in list(own):
+        if name.startswith(_IDLE_LEAVES):
+            del own[name]
+    return {
+        "samples": samples,
+        "idle_percent": round(100 * idle / samples, 1) if samples else 0.0,
+        # Shares of the busy samples (every thread's), in percent.
+        "areas": share(areas, None),
+        "self": share(own),
+        "inclusive": share(anywhere),
+    }

@@ -238,19 +238,20 @@ def print_report(report: BenchReport, console: Console) -> None:
 
 
 def profile_table(phase: str, profile: dict[str, Any]) -> Table:
-    """The functions the server spent most samples in during a phase."""
+    """Where the server's busy time went during a phase: by area, and the busiest functions."""
     table = Table(
-        title=f"Server profile, {phase} ({profile['samples']:,} py-spy samples; {profile['file']})",
+        title=f"Server profile, {phase}: {profile['samples']:,} py-spy samples, {profile['idle_percent']:.0f}% idle; "
+        f"shares of the busy samples ({profile['file']})",
         title_justify="left",
     )
-    table.add_column("self %", justify="right")
-    table.add_column("function (self)")
-    table.add_column("incl. %", justify="right")
-    table.add_column("function (inclusive)")
-    own, inclusive = profile["self"], profile["inclusive"]
-    for index in range(max(len(own), len(inclusive))):
-        left = own[index] if index < len(own) else ("", "")
-        right = inclusive[index] if index < len(inclusive) else ("", "")
+    table.add_column("%", justify="right")
+    table.add_column("area")
+    table.add_column("%", justify="right")
+    table.add_column("function (self time)")
+    areas, functions = profile["areas"], profile["self"]
+    for index in range(max(len(areas), len(functions))):
+        left = areas[index] if index < len(areas) else ("", "")
+        right = functions[index] if index < len(functions) else ("", "")
         table.add_row(str(left[1]), str(left[0]), str(right[1]), str(right[0]))
     return table
 

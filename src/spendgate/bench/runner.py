@@ -74,8 +74,8 @@ PHASE_LEAD_S = 0.3
 # Seconds a generator process may take beyond the phase to drain its calls and answer.
 PHASE_DRAIN_S = 30.0
 OPEN_LOOP_IN_FLIGHT_MIN = 256
-# py-spy's sampling rate: enough samples in a few seconds, little enough to leave the server's speed alone.
-PY_SPY_RATE_HZ = 200
+# py-spy's sampling rate: enough samples in a few seconds, few enough pauses to leave the server's speed alone.
+PY_SPY_RATE_HZ = 100
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -453,14 +453,10 @@ class Bench:
         directory = pathlib.Path(self.options.py_spy_dir)
         directory.mkdir(parents=True, exist_ok=True)
         output = directory / f"server-{phase}.txt"
-        command = [py_spy, "record", "--pid", str(pid), "--output", str(output), "--format", "raw"]
-        command += [
-            "--rate",
-            str(PY_SPY_RATE_HZ),
-            "--nonblocking",
-            "--duration",
-            str(max(1, int(self.options.duration_s))),
-        ]
+        # --native shows the time in gRPC's C core and Cython, where most of it goes; it pauses the server for
+        # each sample, so a profiled phase runs a little slower than an unprofiled one.
+        command = [py_spy, "record", "--pid", str(pid), "--output", str(output), "--format", "raw", "--native"]
+        command += ["--rate", str(PY_SPY_RATE_HZ), "--duration", str(max(1, int(self.options.duration_s)))]
         recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
         try:
             yield

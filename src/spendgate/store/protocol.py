@@ -181,8 +181,8 @@ class AdminStore(SpendStore, Protocol):
         """Freeze (reason) or unfreeze (empty reason); return (was frozen, holds voided, money released)."""
         ...
 
-    async def append_event(self, account_id: str, fields: dict[str, str]) -> None:
-        """Append an event to an account's live feed."""
+    async def append_events(self, account_id: str, events: Sequence[dict[str, str]]) -> None:
+        """Append events to an account's live feed."""
         ...
 
     async def read_events(self, last_ids: dict[str, str], count_max: int) -> list[tuple[str, str, dict[str, str]]]:

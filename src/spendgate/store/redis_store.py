@@ -710,13 +710,14 @@ class RedisStore:
             raise NotFoundError(f"no node {node_id!r}")
         return reply[1] == "1", int(reply[2]), int(reply[3])
 
-    async def append_event(self, account_id: str, fields: dict[str, str]) -> None:
-        """Append an event (for example a configuration change) to an account's live feed."""
-        await self._call(
-            self._client.xadd(
+    async def append_events(self, account_id: str, events: Sequence[dict[str, str]]) -> None:
+        """Append events (for example configuration changes) to an account's live feed, in one pipeline."""
+        pipe = self._client.pipeline(transaction=False)
+        for fields in events:
+            pipe.xadd(
                 self.keys.events(account_id), dict[Any, Any](fields), maxlen=self.events_length_max, approximate=True
             )
-        )
+        await self._call(pipe.execute(), timeout_s=BULK_TIMEOUT_S)
 
     async def read_events(self, last_ids: dict[str, str], count_max: int) -> list[tuple[str, str, dict[str, str]]]:
         """Return up to ``count_max`` events per account after the given stream ids (account -> last id).
