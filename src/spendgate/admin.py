@@ -126,6 +126,11 @@ def node_record(spec: NodeSpec | None) -> dict[str, Any] | None:
     return record
 
 
+def with_article(noun: str) -> str:
+    """'a pool', 'an account'."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def describe_node(spec: NodeSpec, currency: str = "USD") -> str:
     """One line that says what a node is: kind, parent, limits, flags."""
     limits = spec.limits
@@ -163,7 +168,8 @@ def diff_plans(current: AccountPlan | None, new: AccountPlan) -> list[PlanChange
             changes.append(PlanChange(node.node_id, ChangeKind.ADDED, None, node))
         elif old.kind is not node.kind:
             raise InvalidArgumentError(
-                f"node {node.node_id!r} is a {old.kind.name.lower()} and cannot become a {node.kind.name.lower()}; "
+                f"node {node.node_id!r} is {with_article(old.kind.name.lower())} and cannot become "
+                f"{with_article(node.kind.name.lower())}; "
                 "remove it in one plan and add it in another"
             )
         elif old.parent_id != node.parent_id:

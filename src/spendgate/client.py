@@ -29,6 +29,7 @@ from spendgate.api.errors import STATUS_OF
 from spendgate.domain import (
     AuthorizeResult,
     CaptureResult,
+    InvalidArgumentError,
     Limits,
     NodeBudget,
     NodeKind,
@@ -125,6 +126,7 @@ def _authorize_request(
     metadata: Mapping[str, str] | None,
     idempotency_key: str | None,
 ) -> spend_pb2.AuthorizeRequest:
+    _check_int64(amount_micros)
     return spend_pb2.AuthorizeRequest(
         wallet_id=wallet_id,
         amount_micros=amount_micros,
@@ -136,9 +138,16 @@ def _authorize_request(
     )
 
 
+def _check_int64(amount_micros: int) -> None:
+    """An amount outside int64 cannot even be encoded; say what to fix instead of protobuf's ValueError."""
+    if not -(2**63) <= amount_micros < 2**63:
+        raise InvalidArgumentError(f"amount_micros {amount_micros} is outside int64; amounts are micro-units")
+
+
 def _capture_request(
     authorization_id: str, amount_micros: int, idempotency_key: str | None
 ) -> spend_pb2.CaptureRequest:
+    _check_int64(amount_micros)
     return spend_pb2.CaptureRequest(
         authorization_id=authorization_id,
         amount_micros=amount_micros,

@@ -268,5 +268,8 @@ def test_unreachable_server_is_unavailable_after_bounded_retries() -> None:
 
 def test_int64_overflow_is_refused_by_the_client_before_sending() -> None:
     # Beyond int64 a request cannot be encoded at all; the client says so instead of sending something else.
-    with Client("127.0.0.1:1", timeout_s=2, retry=FAST_RETRY) as client, pytest.raises(ValueError, match="out of"):
+    with (
+        Client("127.0.0.1:1", timeout_s=2, retry=FAST_RETRY) as client,
+        pytest.raises(InvalidArgumentError, match="outside int64"),
+    ):
         client.authorize(WALLET, 2**63)

@@ -13,7 +13,7 @@ import grpc
 import yaml
 
 from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2
-from spendgate.admin import AdminCore, PlanChange, describe_node, plan_to_document, subtree
+from spendgate.admin import AdminCore, PlanChange, describe_node, plan_to_document, subtree, with_article
 from spendgate.api.auth import Authenticator, Principal, issue_token
 from spendgate.api.codec import encode_budget
 from spendgate.api.errors import grpc_errors, status_of
@@ -339,7 +339,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         kind = await self._spend_budget_kind(request.scope_node_id)
         if role == "agent" and kind is not NodeKind.WALLET:
             raise InvalidArgumentError(
-                f"an agent token is scoped to a wallet; {request.scope_node_id} is a {kind.name.lower()}"
+                f"an agent token is scoped to a wallet; {request.scope_node_id} is {with_article(kind.name.lower())}"
             )
         if role != "agent" and request.scope_node_id != account_id:
             raise InvalidArgumentError(f"{role} tokens are scoped to an account: use {account_id!r}")
