@@ -432,8 +432,8 @@ def _limits_message(limits: Limits) -> admin_pb2.NodeLimits:
     return message
 
 
-class AdminClient:
-    """A blocking client of AdminService (operators' tools and the CLI). Admin calls are not retried."""
+class _OperatorClient:
+    """What the blocking operator clients share: a channel, a stub, the token, and calls without retries."""
 
     def __init__(
         self,
@@ -445,10 +445,13 @@ class AdminClient:
         tls: Tls | None = None,
     ) -> None:
         self._channel = channel or _sync_channel(target, tls)
-        # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = self._make_stub(self._channel)
         self._metadata = _metadata(token)
         self._timeout_s = timeout_s
+
+    @staticmethod
+    def _make_stub(channel: grpc.Channel) -> Any:
+        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self
@@ -465,6 +468,15 @@ class AdminClient:
             return method(request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise _error(error) from None
+
+
+class AdminClient(_OperatorClient):
+    """A blocking client of AdminService (operators' tools and the CLI). Admin calls are not retried."""
+
+    @staticmethod
+    def _make_stub(channel: grpc.Channel) -> Any:
+        # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
+        return admin_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
 
     def apply_plan(self, plan_yaml: str, *, dry_run: bool = False, force: bool = False) -> Iterator[ApplyProgress]:
         """Apply a plan (YAML text), yielding progress; the last item carries the changes."""
@@ -664,39 +676,13 @@ class ReportLine:
     currency: str
 
 
-class BillingClient:
+class BillingClient(_OperatorClient):
     """A blocking client of BillingService (finance and the CLI)."""
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        token: str | None = None,
-        timeout_s: float = 30.0,
-        channel: grpc.Channel | None = None,
-        tls: Tls | None = None,
-    ) -> None:
-        self._channel = channel or _sync_channel(target, tls)
+    @staticmethod
+    def _make_stub(channel: grpc.Channel) -> Any:
         # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
-        self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata = _metadata(token)
-        self._timeout_s = timeout_s
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
-
-    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
-        try:
-            return method(request, timeout=self._timeout_s, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise _error(error) from None
+        return billing_pb2_grpc.BillingServiceStub(channel)  # type: ignore[no-untyped-call]
 
     def transactions(
         self, node_id: str, *, since_ms: int = 0, until_ms: int = 0, service: str = "", page_size: int = 500

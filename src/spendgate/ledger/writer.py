@@ -36,22 +36,14 @@ import redis.exceptions
 from spendgate.clock import Clock, SystemClock
 from spendgate.ledger.sink import INSERT_BATCH_SIZE_MAX, LedgerSink, LedgerTransaction, MalformedEntryError
 from spendgate.store.keys import Keys
+from spendgate.store.redis_store import REDIS_OUTAGES
 
 log = logging.getLogger("spendgate.ledger")
 
 T = TypeVar("T")
 
-# Failures that mean "Redis is not answering right now"; the writer backs off and tries again.
-_REDIS_OUTAGES: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.ReadOnlyError,
-    TimeoutError,
-    OSError,
-)
+# Failures that mean "Redis is not answering right now" (the store's list); the writer backs off and retries.
+_REDIS_OUTAGES = REDIS_OUTAGES
 # How many entries the lag report counts one by one when Redis cannot say (a lower bound beyond that).
 LAG_COUNT_MAX = 10_000
 # How many XAUTOCLAIM calls one claim pass makes per stream (each scans at most 10 x COUNT pending entries).

@@ -79,7 +79,7 @@ _WINDOW_WORDS = {
 }
 
 # Failures that mean "Redis is not answering", as opposed to a bug in a script or in this module.
-_OUTAGES: tuple[type[BaseException], ...] = (
+REDIS_OUTAGES: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
@@ -237,7 +237,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 return await coroutine
-        except _OUTAGES as error:
+        except REDIS_OUTAGES as error:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # Python 3.11's asyncio.timeout can turn a cancellation that races its deadline into a
