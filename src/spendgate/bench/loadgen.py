@@ -258,9 +258,9 @@ class _Spender:
             task.add_done_callback(self.captures.discard)
         return to_capture
 
-    def failed(self, code: grpc.StatusCode, what: str = "") -> None:
+    def failed(self, code: grpc.StatusCode) -> None:
         """Count one failed call."""
-        self.recorder.errors[f"{what}{code.name}"] += 1
+        self.recorder.errors[code.name] += 1
         if code in _UNKNOWN_OUTCOME:
             self.recorder.unknown_outcomes += 1
 

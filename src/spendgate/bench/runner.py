@@ -1,16 +1,16 @@
 """Runs a benchmark: sets up the fleet and the servers, runs the phases, checks the budgets.
 
-The phases, in order (``--phases`` picks some of them):
+The phases (``--phases`` picks some of them); the ceilings run first, before spendgate's server starts:
 
 ``empty-unary``      the ceiling: an empty unary handler on the same server stack, closed loop
+``empty-stream``     the streaming ceiling: an empty ``AuthorizeStream`` handler
+``empty-unary-metrics``  the empty handler with spendgate's metrics interceptor (not run by default)
 ``unary``            unary ``Authorize`` on spendgate (closed loop, or open loop at ``--rate``)
 ``unary-half``       unary ``Authorize``, open loop at half the throughput ``unary`` reached (latency at load)
-``empty-stream``     the streaming ceiling: an empty ``AuthorizeStream`` handler
 ``stream``           ``AuthorizeStream`` on spendgate
 ``redis``            the authorize script straight at Redis, one EVALSHA per round trip, ``concurrency`` callers
 ``redis-pipelined``  the same, ``--batch`` scripts per pipelined round trip
 ``exhaust``          unary ``Authorize`` with a large amount, so limits bite under load before the check
-``empty-unary-metrics``  the empty handler with spendgate's metrics interceptor (not run by default)
 
 Every phase warms up, then measures for ``duration_s``; the generator processes, the server and
 redis-server report their CPU time over the measured window.
@@ -74,6 +74,13 @@ PHASE_LEAD_S = 0.3
 # Seconds a generator process may take beyond the phase to drain its calls and answer.
 PHASE_DRAIN_S = 30.0
 OPEN_LOOP_IN_FLIGHT_MIN = 256
+# Bounds on what a run may ask for.
+CONCURRENCY_MAX = 100_000
+PROCESSES_MAX = 64
+STREAMS_MAX = 256
+BATCH_SIZE_MAX = 10_000
+# Other load (cores busy outside the benchmark) above which a phase's figures are called noisy.
+OTHER_CORES_NOISY = 0.25
 # py-spy's sampling rate: enough samples in a few seconds, few enough pauses to leave the server's speed alone.
 PY_SPY_RATE_HZ = 100
 
@@ -119,6 +126,15 @@ class BenchOptions:
         for name in ("concurrency", "processes", "streams", "amount_micros", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name, bound in (
+            ("concurrency", CONCURRENCY_MAX),
+            ("stream_concurrency", CONCURRENCY_MAX),
+            ("processes", PROCESSES_MAX),
+            ("streams", STREAMS_MAX),
+            ("batch_size", BATCH_SIZE_MAX),
+        ):
+            if getattr(self, name) > bound:
+                raise ValueError(f"{name} must be at most {bound:,}")
         if self.duration_s <= 0 or self.warmup_s < 0 or self.rate < 0:
             raise ValueError("the duration must be positive, the warm-up and the rate not negative")
         if (self.accounts or self.pools or self.wallets) and self.plans:
@@ -657,6 +673,16 @@ class Bench:
             await self._redis_phases(phases)
             if "exhaust" in phases:
                 await self._exhaust_phase(server)
+            noisy = [
+                name
+                for name, result in self.report.phases.items()
+                if (other := result.cores(result.other_cpu_s)) is not None and other > OTHER_CORES_NOISY
+            ]
+            if noisy:
+                self.report.notes.append(
+                    f"other processes kept more than {OTHER_CORES_NOISY} cores busy during {', '.join(noisy)}: "
+                    "those figures are noisy; run again on a quiet machine"
+                )
             rss = server.rss_bytes()
             if rss is not None:
                 system["server_rss_bytes"] = rss
