@@ -44,17 +44,17 @@ local function split(text, separator)
   end
 end
 
+-- Lua numbers are doubles: integers are exact below 2^53.
+local EXACT_MAX = 9007199254740992
+
 -- The window ids in force for an account: the caller's (from its clock) unless the account already moved
 -- to a later window (a replica whose clock is slightly behind). The account node is touched by every
 -- authorization, so its ids are the latest any node of the account has; using them keeps all nodes of a
--- chain in the same windows, and a window never goes back.
-local function effective_windows(account_key, requested)
-  local stored = redis.call('HMGET', account_key, 'd:id', 'w:id', 'm:id')
+-- chain in the same windows, and a window never goes back. stored: the account's d:id, w:id, m:id.
+local function later_windows(stored, requested)
   local out = {t = 'all'}
-  local names = {'d', 'w', 'm'}
-  for i = 1, 3 do
-    local name = names[i]
-    local current = stored[i]
+  for _, name in ipairs({'d', 'w', 'm'}) do
+    local current = stored[name]
     if current and current > requested[name] then
       out[name] = current
     else
@@ -64,17 +64,9 @@ local function effective_windows(account_key, requested)
   return out
 end
 
--- Add delta (an integer string, may be negative) to field kind ('s' or 'h') of window w on a node, counted
--- in window id wid. A node whose window is older than wid is rolled forward (its counters start at zero);
--- a node already in a later window ignores the change, since money of a closed window no longer limits.
-local function window_add(key, w, wid, kind, delta)
-  local current = redis.call('HGET', key, w .. ':id')
-  if current == wid then
-    redis.call('HINCRBY', key, w .. ':' .. kind, delta)
-  elseif (not current) or current < wid then
-    redis.call('HSET', key, w .. ':id', wid, w .. ':s', '0', w .. ':h', '0')
-    redis.call('HINCRBY', key, w .. ':' .. kind, delta)
-  end
+local function effective_windows(account_key, requested)
+  local stored = redis.call('HMGET', account_key, 'd:id', 'w:id', 'm:id')
+  return later_windows({d = stored[1], w = stored[2], m = stored[3]}, requested)
 end
 
 -- A wallet counts its open holds (field hc), so their number can be bounded. A wallet deleted while it had
@@ -123,27 +115,34 @@ end
 
 -- Append a settled transaction to the account's ledger outbox. The entry carries everything billing needs;
 -- the stream is never trimmed here (the ledger writer trims only what it has acknowledged).
-local function outbox_append(outbox_key, hold_key, txn_id, captured, now_ms)
-  local h = redis.call('HMGET', hold_key, 'ids', 'wal', 'amt', 'cur', 'svc', 'md', 'at', 'win', 'ik', 'ck')
-  local wins = split(h[8], ',')
-  local ids = split(h[1], ',')
+local function outbox_add(outbox_key, t)
+  local chain = split(t.chain, ',')
+  local wins = split(t.windows, ',')
   return redis.call('XADD', outbox_key, '*',
-    'txn_id', txn_id,
-    'account_id', ids[#ids],
-    'wallet_id', h[2],
-    'chain', h[1],
-    'amount_micros', captured,
-    'authorized_micros', h[3],
-    'currency', h[4],
-    'service', h[5],
-    'metadata', h[6],
-    'authorized_at_ms', h[7],
-    'captured_at_ms', now_ms,
+    'txn_id', t.txn,
+    'account_id', chain[#chain],
+    'wallet_id', t.wallet,
+    'chain', t.chain,
+    'amount_micros', t.captured,
+    'authorized_micros', t.authorized,
+    'currency', t.currency,
+    'service', t.service,
+    'metadata', t.metadata,
+    'authorized_at_ms', t.authorized_at,
+    'captured_at_ms', t.captured_at,
     'day', wins[1],
     'week', wins[2],
     'month', wins[3],
-    'idempotency_key', h[9],
-    'capture_idempotency_key', h[10] or '')
+    'idempotency_key', t.key,
+    'capture_idempotency_key', t.capture_key or '')
+end
+
+-- The same, for a hold captured after its authorization: the entry is built from the hold's record.
+local function outbox_append(outbox_key, hold_key, txn_id, captured, now_ms)
+  local h = redis.call('HMGET', hold_key, 'ids', 'wal', 'amt', 'cur', 'svc', 'md', 'at', 'win', 'ik', 'ck')
+  return outbox_add(outbox_key, {txn = txn_id, chain = h[1], wallet = h[2], captured = captured,
+    authorized = h[3], currency = h[4], service = h[5], metadata = h[6], authorized_at = h[7],
+    captured_at = now_ms, windows = h[8], key = h[9], capture_key = h[10] or ''})
 end
 
 -- Event kinds of the live feed (the values of spendgate.v1.EventKind).
@@ -158,11 +157,10 @@ local function event_append(stream_key, length_max, now_ms, kind, node_id, chain
 end
 
 -- Raise one alert per utilization threshold that window w of a node crosses, once per window id: the node
--- remembers the highest threshold it alerted in field al:<w> as "<window id>|<percent>".
-local function alert_crossings(stream_key, length_max, node, w, wid, limit, before, after, now_ms, percents)
-  if limit <= 0 then return end
-  local field = 'al:' .. w
-  local stored = redis.call('HGET', node.key, field)
+-- remembers the highest threshold it alerted in field al:<w> as "<window id>|<percent>" (stored: its value
+-- as read). Returns the field's new value when it changes, for the caller to write, else nil.
+local function alert_crossings(stream_key, length_max, node, w, wid, limit, before, after, now_ms, percents, stored)
+  if limit <= 0 then return nil end
   local alerted = 0
   if stored then
     local parts = split(stored, '|')
@@ -178,8 +176,9 @@ local function alert_crossings(stream_key, length_max, node, w, wid, limit, befo
     end
   end
   if highest > alerted then
-    redis.call('HSET', node.key, field, wid .. '|' .. int_str(highest))
+    return wid .. '|' .. int_str(highest)
   end
+  return nil
 end
 
 -- Freeze a node with a reason and tell the live feed.

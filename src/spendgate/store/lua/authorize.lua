@@ -63,18 +63,20 @@ if refused then
 end
 
 -- 1. The chain the caller resolved must still be the account's tree.
-local account = redis.call('HMGET', account_key, 'topo', 'cur')
+local account = redis.call('HMGET', account_key, 'topo', 'cur', 'd:id', 'w:id', 'm:id')
 if account[1] ~= ARGV[2] then
   return {'ERR', 'STALE_CHAIN', tostring(account[1])}
 end
 
--- 2. Idempotency: the same key answers the same request once; a different request is refused.
-local record = redis.call('HMGET', KEYS[3], 'fp', 'r')
-if record[1] then
-  if record[1] ~= ARGV[7] then
+-- 2. Idempotency: the same key answers the same request once; a different request is refused. The record
+-- is one string, "<fingerprint>\n<answer fields joined by tabs>".
+local record = redis.call('GET', KEYS[3])
+if record then
+  local newline = string.find(record, '\n', 1, true)
+  if string.sub(record, 1, newline - 1) ~= ARGV[7] then
     return {'ERR', 'IDEMPOTENCY_CONFLICT', ''}
   end
-  local replay = split(record[2], '\t')
+  local replay = split(string.sub(record, newline + 1), '\t')
   replay[#replay + 1] = '1'
   return replay
 end
@@ -86,34 +88,38 @@ end
 -- 3. Expired holds give their money back before anything is counted.
 expire_due(KEYS[1], now_ms, tonumber(ARGV[18]), ARGV[10])
 
-if not capture and num(redis.call('HGET', KEYS[FIXED + 1], 'hc')) >= tonumber(ARGV[22]) then
-  return {'ERR', 'HOLDS_EXHAUSTED', ARGV[22]}
-end
-
-local wins = effective_windows(account_key, {d = ARGV[12], w = ARGV[13], m = ARGV[14]})
+local wins = later_windows({d = account[3], w = account[4], m = account[5]},
+  {d = ARGV[12], w = ARGV[13], m = ARGV[14]})
 local minute = ARGV[15]
 local service = ARGV[5]
 
--- 4. Read every node once.
+-- 4. Read every node once: one HMGET each. The approval below writes each node once, from these values.
 local FIELDS = {'frz', 'svc', 'ptx', 'vel', 'v:id', 'v:n',
-  'l:d', 'd:id', 'd:s', 'd:h', 'l:w', 'w:id', 'w:s', 'w:h',
-  'l:m', 'm:id', 'm:s', 'm:h', 'l:t', 't:id', 't:s', 't:h', 'shd', 'brk'}
+  'l:d', 'd:id', 'd:s', 'd:h', 'al:d', 'l:w', 'w:id', 'w:s', 'w:h', 'al:w',
+  'l:m', 'm:id', 'm:s', 'm:h', 'al:m', 'l:t', 't:id', 't:s', 't:h', 'al:t', 'shd', 'brk', 'hc'}
 local nodes = {}
 for i = 1, chain_length do
   local v = redis.call('HMGET', KEYS[FIXED + i], unpack(FIELDS))
   local node = {key = KEYS[FIXED + i], id = ARGV[ID0 + i], frozen = v[1] and v[1] ~= '', services = v[2],
-    ptx = v[3], vel = v[4], windows = {}, shadow = v[23] == '1', breaker = v[24]}
+    ptx = v[3], vel = v[4], windows = {}, shadow = v[27] == '1', breaker = v[28], holds = num(v[29]),
+    velocity_id = v[5]}
   node.velocity_used = (v[5] and v[5] >= minute) and num(v[6]) or 0
   for j, w in ipairs(WINDOWS) do
-    local base = 6 + (j - 1) * 4
-    local limit, wid, spent, held = v[base + 1], v[base + 2], v[base + 3], v[base + 4]
-    local used = 0
+    local base = 6 + (j - 1) * 5
+    local limit, wid = v[base + 1], v[base + 2]
+    local window = {limit = limit and tonumber(limit) or nil, stored_id = wid, spent = 0, held = 0,
+      alerted = v[base + 5]}
     if wid == wins[w] then
-      used = num(spent) + num(held)
+      window.spent, window.held = num(v[base + 3]), num(v[base + 4])
     end
-    node.windows[w] = {limit = limit and tonumber(limit) or nil, used = used}
+    window.used = window.spent + window.held
+    node.windows[w] = window
   end
   nodes[i] = node
+end
+
+if not capture and nodes[1].holds >= tonumber(ARGV[22]) then
+  return {'ERR', 'HOLDS_EXHAUSTED', ARGV[22]}
 end
 
 -- 5. Decide, in order of precedence.
@@ -171,50 +177,86 @@ if reason == 0 then
   end
 end
 
--- 6. Apply an approval: hold (or settle) on every window of every node, count the transaction per minute.
+-- 6. Apply an approval: hold (or settle) on every window of every node, count the transaction per minute,
+-- raise alerts; each node is written with one HSET of the values read in step 4.
 local authorization_id, hold_expires_at, hold_state, captured = '', 0, 0, 0
 if reason == 0 then
   authorization_id = ARGV[11]
   local kind = capture and 's' or 'h'
   local keys, ids = {}, {}
   for i, node in ipairs(nodes) do
+    local updates = {}
     for _, w in ipairs(WINDOWS) do
-      window_add(node.key, w, wins[w], kind, amount_str)
       local window = node.windows[w]
+      if window.stored_id == wins[w] then
+        local before = capture and window.spent or window.held
+        if before + amount < EXACT_MAX then
+          updates[#updates + 1] = w .. ':' .. kind
+          updates[#updates + 1] = int_str(before + amount)
+        else
+          -- Past 2^53 Lua's numbers are not exact; Redis's integers are.
+          redis.call('HINCRBY', node.key, w .. ':' .. kind, amount_str)
+        end
+      elseif (not window.stored_id) or window.stored_id < wins[w] then
+        updates[#updates + 1] = w .. ':id'
+        updates[#updates + 1] = wins[w]
+        updates[#updates + 1] = w .. ':s'
+        updates[#updates + 1] = capture and amount_str or '0'
+        updates[#updates + 1] = w .. ':h'
+        updates[#updates + 1] = capture and '0' or amount_str
+      end
       if window.limit then
-        alert_crossings(KEYS[5], ARGV[20], node, w, wins[w], window.limit, window.used, window.used + amount, now_ms,
-          ARGV[19])
+        local alerted = alert_crossings(KEYS[5], ARGV[20], node, w, wins[w], window.limit, window.used,
+          window.used + amount, now_ms, ARGV[19], window.alerted)
+        if alerted then
+          updates[#updates + 1] = 'al:' .. w
+          updates[#updates + 1] = alerted
+        end
       end
       window.used = window.used + amount
     end
+    if node.vel then
+      if node.velocity_id and node.velocity_id >= minute then
+        updates[#updates + 1] = 'v:n'
+        updates[#updates + 1] = int_str(node.velocity_used + 1)
+      else
+        updates[#updates + 1] = 'v:id'
+        updates[#updates + 1] = minute
+        updates[#updates + 1] = 'v:n'
+        updates[#updates + 1] = '1'
+      end
+    end
+    if i == 1 and not capture then
+      updates[#updates + 1] = 'hc'
+      updates[#updates + 1] = int_str(node.holds + 1)
+    end
+    if #updates > 0 then
+      redis.call('HSET', node.key, unpack(updates))
+    end
     if node.breaker then
       breaker_step(KEYS[5], ARGV[20], node, tonumber(minute), amount_str, now_ms)
-    end
-    if node.vel then
-      local stored_minute = redis.call('HGET', node.key, 'v:id')
-      if stored_minute and stored_minute >= minute then
-        redis.call('HINCRBY', node.key, 'v:n', 1)
-      else
-        redis.call('HSET', node.key, 'v:id', minute, 'v:n', '1')
-      end
     end
     keys[i], ids[i] = node.key, node.id
   end
   local hold_key = KEYS[4]
   local expires_at = tonumber(now_ms) + tonumber(ARGV[8])
-  redis.call('HSET', hold_key, 'st', capture and CAPTURED or HELD, 'amt', amount_str,
-    'exp', int_str(expires_at), 'at', now_ms, 'keys', table.concat(keys, ','), 'ids', table.concat(ids, ','),
-    'win', wins.d .. ',' .. wins.w .. ',' .. wins.m, 'svc', service, 'md', ARGV[16], 'cur', ARGV[4],
-    'ik', ARGV[17], 'wal', ids[1])
+  local chain_ids = table.concat(ids, ',')
+  local window_ids = wins.d .. ',' .. wins.w .. ',' .. wins.m
   if capture then
     hold_state, captured = CAPTURED, amount
-    redis.call('HSET', hold_key, 'cap', amount_str, 'ck', ARGV[17])
+    redis.call('HSET', hold_key, 'st', CAPTURED, 'amt', amount_str, 'exp', int_str(expires_at), 'at', now_ms,
+      'keys', table.concat(keys, ','), 'ids', chain_ids, 'win', window_ids, 'svc', service, 'md', ARGV[16],
+      'cur', ARGV[4], 'ik', ARGV[17], 'wal', ids[1], 'cap', amount_str, 'ck', ARGV[17])
     redis.call('PEXPIRE', hold_key, ARGV[10])
-    outbox_append(KEYS[2], hold_key, authorization_id, amount_str, now_ms)
+    outbox_add(KEYS[2], {txn = authorization_id, chain = chain_ids, wallet = ids[1], captured = amount_str,
+      authorized = amount_str, currency = ARGV[4], service = service, metadata = ARGV[16], authorized_at = now_ms,
+      captured_at = now_ms, windows = window_ids, key = ARGV[17], capture_key = ARGV[17]})
   else
     hold_state, hold_expires_at = HELD, expires_at
+    redis.call('HSET', hold_key, 'st', HELD, 'amt', amount_str, 'exp', int_str(expires_at), 'at', now_ms,
+      'keys', table.concat(keys, ','), 'ids', chain_ids, 'win', window_ids, 'svc', service, 'md', ARGV[16],
+      'cur', ARGV[4], 'ik', ARGV[17], 'wal', ids[1])
     redis.call('ZADD', KEYS[1], int_str(expires_at), hold_key)
-    redis.call('HINCRBY', nodes[1].key, 'hc', 1)
   end
 end
 
@@ -241,7 +283,6 @@ local chain_ids = {}
 for i, node in ipairs(nodes) do chain_ids[i] = node.id end
 event_append(KEYS[5], ARGV[20], now_ms, EVENT_DECISION, nodes[1].id, table.concat(chain_ids, ','), amount_str,
   'dec', result[2], 'rsn', result[4], 'auth', authorization_id, 'win', result[6], 'by', denied_node)
-redis.call('HSET', KEYS[3], 'fp', ARGV[7], 'r', table.concat(result, '\t'))
-redis.call('PEXPIRE', KEYS[3], ARGV[9])
+redis.call('SET', KEYS[3], ARGV[7] .. '\n' .. table.concat(result, '\t'), 'PX', ARGV[9])
 result[#result + 1] = '0'
 return result
