@@ -36,7 +36,7 @@ EARLY_RETURN = "do return {'OK', '1', '', '0'} end\n"
 STEPS = (
     "-- 0. The caller may act",
     "-- 3. Expired holds",
-    "-- 4. Read every node once.",
+    "-- 4. Read every node once",
     "-- 5. Decide, in order of precedence.",
     "-- 6. Apply an approval",
     "-- 7. The tightest window",

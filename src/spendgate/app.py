@@ -42,7 +42,7 @@ from spendgate.ledger.reconcile import (
     rebuild_account,
     reconcile_account,
 )
-from spendgate.metrics import Metrics, MetricsInterceptor, collect_forever
+from spendgate.metrics import Metrics, collect_forever
 from spendgate.plan import load_plan
 from spendgate.settings import Settings
 from spendgate.store.keys import Keys
@@ -125,6 +125,7 @@ class SpendgateServer:
         self.admin = admin
         self.ledger = ledger
         self._writers: list[LedgerWriter] = []
+        self._writer_clients: list[aioredis.Redis] = []
         self.store = store
         # The root token in force (generated at start when the settings gave none); empty with auth off.
         self.root_token = ""
@@ -180,12 +181,15 @@ class SpendgateServer:
         """The writers block on the outbox for up to a second: they need a client with a longer timeout."""
         if self.settings.embedded or self.store.in_process:
             return self.store.client
-        return aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             self.settings.redis_url,
             decode_responses=True,
             socket_timeout=10.0,
             socket_connect_timeout=self.settings.redis_timeout_s,
         )
+        # Closed on stop, with the store's: a client left open leaks its connections.
+        self._writer_clients.append(client)
+        return client
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish within the grace period, then stop the tasks."""
@@ -196,9 +200,14 @@ class SpendgateServer:
             writer.stop()
         if self._writers:
             # What was settled before the stop reaches the ledger now; an embedded store would lose it.
-            with contextlib.suppress(SpendgateError):
+            try:
                 await self._writers[0].drain(timeout_s=max(grace, 1.0))
+            except (SpendgateError, TimeoutError) as error:
+                # The rest of the shutdown must still happen; what is left stays in a real Redis's outbox.
+                log.warning("the ledger writers did not drain the outbox before stopping: %r", error)
         await cancel_all(self._tasks)
+        for client in self._writer_clients:
+            await client.aclose()
         if self.ledger is not None:
             await self.ledger.close()
         # The endpoint's thread would otherwise serve (and hold the port) for as long as the process lives.
@@ -318,7 +327,6 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
-        interceptors=[MetricsInterceptor(metrics)],
     )
     size_max = settings.message_size_max_bytes
     add_guarded(
@@ -326,6 +334,7 @@ async def create_server(
         spend_pb2_grpc.add_SpendServiceServicer_to_server,
         SpendServicer(core, auth, metrics),
         size_max_bytes=size_max,
+        observe=metrics.observe_rpc,
     )
     add_guarded(
         server,
@@ -333,6 +342,7 @@ async def create_server(
         AdminServicer(admin, store, auth, clock),
         size_max_bytes=size_max,
         size_max_bytes_by_method={"ApplyPlan": settings.plan_size_max_bytes},
+        observe=metrics.observe_rpc,
     )
     services = [SPEND_SERVICE, ADMIN_SERVICE]
     if ledger is not None:
@@ -343,6 +353,7 @@ async def create_server(
             billing_pb2_grpc.add_BillingServiceServicer_to_server,
             BillingServicer(ledger, store, auth, lag_reader),
             size_max_bytes=size_max,
+            observe=metrics.observe_rpc,
         )
         services.append(BILLING_SERVICE)
     health = HealthServicer()
@@ -453,16 +464,20 @@ async def run_ledger_writers(settings: Settings, *, writers: int, consumer: str,
     """Run writer loops until SIGTERM/SIGINT (or, with ``once``, drain the outboxes and return the count)."""
     store, ledger = await _direct(settings)
     name = consumer or f"{socket.gethostname()}-{os.getpid()}"
+    clients = [
+        aioredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10.0)
+        for _ in range(max(1, writers))
+    ]
     loops = [
         LedgerWriter(
-            aioredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10.0),
+            client,
             ledger,
             keys=store.keys,
             consumer=f"{name}-{index}",
             batch_size_max=settings.ledger_batch_size_max,
             linger_ms=settings.ledger_linger_ms,
         )
-        for index in range(max(1, writers))
+        for index, client in enumerate(clients)
     ]
     try:
         if once:
@@ -479,6 +494,8 @@ async def run_ledger_writers(settings: Settings, *, writers: int, consumer: str,
         await cancel_all(tasks)
         return sum(writer.stats.inserted for writer in loops)
     finally:
+        for client in clients:
+            await client.aclose()
         await ledger.close()
         await store.close()
 

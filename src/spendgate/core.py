@@ -46,7 +46,11 @@ def parse_authorization_id(authorization_id: str) -> str:
     if not authorization_id:
         raise InvalidArgumentError("authorization_id is required: pass the id Authorize returned")
     account_id, _, token = authorization_id.rpartition(":")
-    if len(authorization_id) > AUTHORIZATION_ID_LENGTH_MAX or not account_id or not _AUTHORIZATION_TOKEN.match(token):
+    if (
+        len(authorization_id) > AUTHORIZATION_ID_LENGTH_MAX
+        or not account_id
+        or not _AUTHORIZATION_TOKEN.fullmatch(token)
+    ):
         raise InvalidArgumentError(
             f"authorization_id {authorization_id[:100]!r} is malformed: pass the id Authorize returned"
         )

@@ -129,7 +129,7 @@ def check_id(value: str, what: str) -> str:
         raise InvalidArgumentError(f"{what} is required")
     if len(value) > ID_LENGTH_MAX:
         raise InvalidArgumentError(f"{what} is {len(value)} characters long; the limit is {ID_LENGTH_MAX}")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise InvalidArgumentError(
             f"{what} {value!r} may only hold letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
@@ -144,7 +144,7 @@ def check_idempotency_key(value: str) -> str:
         raise InvalidArgumentError(
             f"idempotency_key is {len(value)} characters long; the limit is {IDEMPOTENCY_KEY_LENGTH_MAX}"
         )
-    if not _IDEMPOTENCY_KEY.match(value):
+    if not _IDEMPOTENCY_KEY.fullmatch(value):
         raise InvalidArgumentError("idempotency_key may only hold printable ASCII characters without spaces")
     return value
 
@@ -162,7 +162,7 @@ def check_currency(value: str) -> str:
     """Return ``value`` if it looks like an ISO 4217 code; whether it is the account's is the script's call."""
     if not value:
         raise InvalidArgumentError("currency is required (an ISO 4217 code such as USD)")
-    if not _CURRENCY.match(value):
+    if not _CURRENCY.fullmatch(value):
         raise InvalidArgumentError(f"currency {value!r} is not an ISO 4217 code such as USD")
     return value
 

@@ -115,8 +115,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         check_id(node_id, "node_id")
         if not self._auth.enabled:
             return await self._auth.principal(context)
-        account_id = await self._store.account_of(node_id)
-        return await self._auth.require(context, account_id=account_id, write=write, node_id=node_id)
+        return await self._auth.require_node(context, node_id, write=write)
 
     async def _default_scope(self, context: Context, node_id: str) -> str:
         """The node a read covers: the one asked for, else everything (root) or the caller's account."""
@@ -135,6 +134,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[admin_pb2.ApplyPlanResponse]:
         """Diff and (unless a dry run) apply a plan, streaming progress."""
         try:
+            # Authenticated before the plan is parsed: an unknown caller cannot make the server parse megabytes.
+            await self._auth.principal(context)
             # Parsing a large plan takes seconds: off the event loop, so authorizations keep flowing meanwhile.
             plan = await asyncio.to_thread(parse_plan_text, request.plan_yaml)
             try:
@@ -371,6 +372,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeTokenRequest, context: Context
     ) -> admin_pb2.RevokeTokenResponse:
         """Revoke a token by its public id."""
+        # Authenticated first: only a caller with a valid token learns whether a token id exists.
+        await self._auth.principal(context)
         matches = [r for r in await self._store.list_tokens() if r.token_id == request.token_id]
         if not request.token_id or not matches:
             raise NotFoundError(f"no token {request.token_id!r}: see spendgate token list")
@@ -393,7 +396,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.RecommendLimitsResponse:
         """Propose wallet limits from actuals, as a plan."""
         check_id(request.account_id, "account_id")
-        await self._auth.require(context, account_id=await self._store.account_of(request.account_id), write=False)
+        await self._auth.require_node(context, request.account_id, write=False)
         stages = {
             admin_pb2.RAMP_UP_STAGE_WEEK1: Stage.WEEK1,
             admin_pb2.RAMP_UP_STAGE_WEEK3: Stage.WEEK3,

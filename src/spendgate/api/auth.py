@@ -110,7 +110,44 @@ class Authenticator:
 
         ``account_id=None`` means deployment-wide, which only the root may touch.
         """
+        return self.allow(await self.principal(context), account_id=account_id, write=write, node_id=node_id)
+
+    async def require_node(
+        self, context: grpc.aio.ServicerContext[Any, Any], node_id: str, *, write: bool
+    ) -> Principal:
+        """Return the caller if they may read (or with ``write``, change) ``node_id``.
+
+        The caller is authenticated before the node is looked up, and an agent is held to its wallet before
+        that too: a caller without a valid token learns nothing about which nodes exist (``NOT_FOUND`` is
+        for callers who could see the node if it did).
+        """
         caller = await self.principal(context)
+        if caller.root:
+            return caller
+        if caller.role == "agent" and node_id != caller.scope_node_id:
+            raise PermissionDeniedError(f"this agent token may only read wallet {caller.scope_node_id!r}")
+        account_id = await self._store.account_of(node_id)
+        return self.allow(caller, account_id=account_id, write=write, node_id=node_id)
+
+    async def refuse_before_miss(self, token_mode: str, wallet_id: str) -> None:
+        """Raise what the decision script would have answered this caller, when the wallet was not found.
+
+        The hot path resolves the wallet before its script checks the token; on a miss this makes an unknown
+        token ``UNAUTHENTICATED`` and another wallet's agent ``PERMISSION_DENIED`` rather than ``NOT_FOUND``.
+        It costs a lookup on the error path only.
+        """
+        if token_mode in ("", "*"):
+            return
+        record = await self._store.lookup_token(token_mode)
+        if record is None:
+            raise UnauthenticatedError("unknown or revoked token")
+        if record.role == "agent" and record.scope_node_id != wallet_id:
+            raise PermissionDeniedError(f"this agent token is for wallet {record.scope_node_id!r}")
+        if record.role == "reader":
+            raise PermissionDeniedError("a read-only token cannot spend")
+
+    def allow(self, caller: Principal, *, account_id: str | None, write: bool, node_id: str = "") -> Principal:
+        """Return ``caller`` if they may read (or with ``write``, change) ``node_id`` in ``account_id``."""
         if caller.root:
             return caller
         if account_id is None:

@@ -10,7 +10,7 @@ import grpc
 from spendgate._gen.spendgate.v1 import billing_pb2, billing_pb2_grpc
 from spendgate.api.auth import Authenticator
 from spendgate.api.errors import grpc_errors
-from spendgate.domain import InvalidArgumentError, check_id
+from spendgate.domain import InvalidArgumentError, UnavailableError, check_id
 from spendgate.ledger import LedgerSink, LedgerTransaction, LedgerWriter, ReportGroup, ReportPeriod, TransactionFilter
 from spendgate.store.redis_store import RedisStore
 
@@ -64,8 +64,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     async def _require(self, context: Context, node_id: str) -> None:
         check_id(node_id, "node_id")
         if self._auth.enabled:
-            account_id = await self._store.account_of(node_id)
-            await self._auth.require(context, account_id=account_id, write=False, node_id=node_id)
+            await self._auth.require_node(context, node_id, write=False)
 
     @grpc_errors
     async def ListTransactions(
@@ -116,10 +115,18 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         if self._lag_source is not None:
             lag = await self._lag_source.lag()
             pending, oldest_ms = lag.entries, lag.oldest_age_ms
+        ledger_transactions, ledger_unavailable = 0, False
+        try:
+            ledger_transactions = await self._ledger.count_transactions()
+        except UnavailableError:
+            # The lag is what an operator looks at while the database is down: report it, and say the count is
+            # unknown, rather than fail the whole call.
+            ledger_unavailable = True
         return billing_pb2.GetLedgerStatusResponse(
             pending_entries=pending,
             oldest_pending_age_ms=oldest_ms,
-            ledger_transactions=await self._ledger.count_transactions(),
+            ledger_transactions=ledger_transactions,
+            ledger_unavailable=ledger_unavailable,
         )
 
 

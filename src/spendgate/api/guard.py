@@ -6,11 +6,14 @@ from a decode error deep in the stack.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
+Observer = Callable[[str, str, float], None]
 
 
 class _Malformed:
@@ -46,14 +49,24 @@ async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any], nam
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_LARGE.format(name, size_max_bytes))
 
 
-def _guard(name: str, handler: Any, size_max_bytes: int) -> Any:
+def _guard(name: str, handler: Any, size_max_bytes: int, observe: Observer | None) -> Any:
     safe = _safe(handler.request_deserializer, size_max_bytes)
     if handler.unary_unary is not None:
         inner_unary = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await _refuse(request, context, name, size_max_bytes)
-            return await inner_unary(request, context)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                await _refuse(request, context, name, size_max_bytes)
+                return await inner_unary(request, context)
+            except BaseException:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                if observe is not None:
+                    observe(name, code, time.perf_counter() - started)
 
         return handler._replace(request_deserializer=safe, unary_unary=unary_unary)
     if handler.unary_stream is not None:
@@ -91,17 +104,19 @@ def add_guarded(
     *,
     size_max_bytes: int,
     size_max_bytes_by_method: dict[str, int] | None = None,
+    observe: Observer | None = None,
 ) -> None:
     """Register ``servicer`` with the generated function ``add``, its handlers guarded against bad bytes.
 
     Each request is bounded by ``size_max_bytes`` unless its method has a bound of its own (plans are large;
-    authorizations are not). The transport's own bound must be the largest of them.
+    authorizations are not). The transport's own bound must be the largest of them. ``observe(method, code,
+    seconds)`` is told how long each unary call took (the RPC latency metric), at the cost of two clock reads.
     """
     capture = _Capture()
     add(servicer, capture)
     bounds = size_max_bytes_by_method or {}
     handlers = {
-        method: _guard(method, handler, bounds.get(method, size_max_bytes))
+        method: _guard(method, handler, bounds.get(method, size_max_bytes), observe)
         for method, handler in capture.handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))

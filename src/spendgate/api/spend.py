@@ -15,7 +15,7 @@ from spendgate.api.codec import encode_authorize, encode_budget
 from spendgate.api.errors import grpc_errors, status_of
 from spendgate.api.guard import MALFORMED, TOO_LARGE
 from spendgate.core import SpendCore
-from spendgate.domain import AuthorizeCommand, InvalidArgumentError, SpendgateError, check_id
+from spendgate.domain import AuthorizeCommand, InvalidArgumentError, NotFoundError, SpendgateError, check_id
 from spendgate.metrics import Metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -49,7 +49,12 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
             capture=request.capture,
             metadata=dict(request.metadata),
         )
-        result = await self._core.authorize(command, token_mode=token_mode)
+        try:
+            result = await self._core.authorize(command, token_mode=token_mode)
+        except NotFoundError:
+            # Only a caller who may spend from the wallet learns that it does not exist.
+            await self._auth.refuse_before_miss(token_mode, command.wallet_id)
+            raise
         self._metrics.record_decision(result)
         return encode_authorize(result)
 
@@ -67,7 +72,17 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
 
         async def decide(item: Any) -> None:
             # Any: a stream item is an AuthorizeStreamRequest, or MALFORMED when its bytes did not decode.
-            if item is MALFORMED or item is TOO_LARGE:
+            if item is TOO_LARGE:
+                # The same answer a unary call over the size bound gets.
+                answers.put_nowait(
+                    spend_pb2.AuthorizeStreamResponse(
+                        error_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                        error_message="a stream item is over the request size bound",
+                    )
+                )
+                slots.release()
+                return
+            if item is MALFORMED:
                 answers.put_nowait(
                     spend_pb2.AuthorizeStreamResponse(
                         error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
@@ -153,6 +168,5 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
         """Report a node's budget."""
         if self._auth.enabled:
             check_id(request.node_id, "node_id")
-            account_id = await self._core.store.account_of(request.node_id)
-            await self._auth.require(context, account_id=account_id, write=False, node_id=request.node_id)
+            await self._auth.require_node(context, request.node_id, write=False)
         return encode_budget(await self._core.get_budget(request.node_id))

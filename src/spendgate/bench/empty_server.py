@@ -59,18 +59,22 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
 async def serve(port: int, *, metrics_interceptor: bool = False) -> None:
     """Serve the empty service on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
     settings = Settings()
-    interceptors: list[Any] = []
+    server = grpc.aio.server(options=server_options(settings), maximum_concurrent_rpcs=settings.concurrent_rpcs_max)
     if metrics_interceptor:
-        from spendgate.metrics import Metrics, MetricsInterceptor
+        # The server's own guard and RPC timing around the empty handler: what they cost per call.
+        from spendgate.api.guard import add_guarded
+        from spendgate.metrics import Metrics
 
-        interceptors.append(MetricsInterceptor(Metrics()))
-    server = grpc.aio.server(
-        options=server_options(settings),
-        maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
-        interceptors=interceptors,
-    )
-    # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
-    spend_pb2_grpc.add_SpendServiceServicer_to_server(EmptySpendServicer(), server)  # type: ignore[no-untyped-call]
+        add_guarded(
+            server,
+            spend_pb2_grpc.add_SpendServiceServicer_to_server,
+            EmptySpendServicer(),
+            size_max_bytes=settings.message_size_max_bytes,
+            observe=Metrics().observe_rpc,
+        )
+    else:
+        # The generated gRPC module has no type hints (protoc's grpc plugin writes none).
+        spend_pb2_grpc.add_SpendServiceServicer_to_server(EmptySpendServicer(), server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -270,6 +270,9 @@ class LedgerWriter:
         ``TimeoutError`` if the outboxes are not empty within ``timeout_s``.
         """
         total = 0
+        # First take back what is pending under this writer's own name (the batch its run() loop held when it
+        # was stopped): no other writer would claim it before claim_idle_ms.
+        self._own_history_done = False
         async with asyncio.timeout(timeout_s):
             while True:
                 handled = await self.step(wait=False)

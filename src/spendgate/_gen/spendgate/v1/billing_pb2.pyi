@@ -132,11 +132,13 @@ class GetLedgerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLedgerStatusResponse(_message.Message):
-    __slots__ = ("pending_entries", "oldest_pending_age_ms", "ledger_transactions")
+    __slots__ = ("pending_entries", "oldest_pending_age_ms", "ledger_transactions", "ledger_unavailable")
     PENDING_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     OLDEST_PENDING_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     LEDGER_TRANSACTIONS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     pending_entries: int
     oldest_pending_age_ms: int
     ledger_transactions: int
-    def __init__(self, pending_entries: _Optional[int] = ..., oldest_pending_age_ms: _Optional[int] = ..., ledger_transactions: _Optional[int] = ...) -> None: ...
+    ledger_unavailable: bool
+    def __init__(self, pending_entries: _Optional[int] = ..., oldest_pending_age_ms: _Optional[int] = ..., ledger_transactions: _Optional[int] = ..., ledger_unavailable: _Optional[bool] = ...) -> None: ...
