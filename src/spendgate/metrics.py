@@ -48,6 +48,7 @@ class Metrics:
         )
         # Label lookups cost more than the observation itself; the hot path reuses the children.
         self._rpc_children: dict[tuple[str, str], Any] = {}
+        self._decision_children: dict[tuple[Any, Any], Any] = {}
         self.decisions = Counter(
             "spendgate_decisions_total",
             "Authorization decisions by outcome and reason.",
@@ -100,7 +101,13 @@ class Metrics:
 
     def record_decision(self, result: AuthorizeResult) -> None:
         """Count one decision."""
-        self.decisions.labels(result.decision.name.lower(), result.deny_reason.name.lower()).inc()
+        key = (result.decision, result.deny_reason)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(
+                result.decision.name.lower(), result.deny_reason.name.lower()
+            )
+        child.inc()
 
     def serve_http(self, host: str, port: int) -> None:
         """Expose /metrics on an HTTP port (in a thread of its own) until :meth:`stop_http`."""

@@ -65,6 +65,14 @@ def _ms(moment: datetime.datetime) -> int:
 
 def windows_at(now_ms: int, time_zone: str) -> WindowIds:
     """Return the windows open at ``now_ms`` in ``time_zone``."""
+    # Every time zone's offset is a whole number of minutes, so day, week and month change only on a minute
+    # boundary: the windows of a minute are computed once (it saves the calendar arithmetic per decision).
+    return _windows_of_minute(now_ms // MINUTE_MS, time_zone)
+
+
+@functools.lru_cache(maxsize=4096)
+def _windows_of_minute(minute: int, time_zone: str) -> WindowIds:
+    now_ms = minute * MINUTE_MS
     tz = zone(time_zone)
     local = datetime.datetime.fromtimestamp(now_ms / 1000, tz)
     today = local.date()
