@@ -1040,3 +1040,25 @@ def recommend(
         console.print(f"wrote {output}; apply it with: spendgate apply {output}", highlight=False)
     elif not changes:
         console.print("the current limits already match the recommendation")
+
+
+@cli.command()
+@click.option("--since", default=None, help="Only changes from this day on (YYYY-MM-DD, UTC).")
+@click.option("--limit", type=int, default=100, show_default=True, help="The most records (up to 1000).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def audit(context: click.Context, since: str | None, limit: int, as_json: bool) -> None:
+    """Show the audit log of admin changes: who, when, what before and after."""
+    since_ms = _day_ms(since, "UTC", "--since") if since else 0
+    with _billing(context) as billing:
+        records = _call(lambda: billing.audit(since_ms=since_ms, limit=limit))
+    if as_json:
+        for record in records:
+            click.echo(json.dumps(record, sort_keys=True))
+        return
+    table = Table(title=f"{len(records)} audit record(s)", title_justify="left")
+    for column in ("when", "actor", "action", "node"):
+        table.add_column(column, no_wrap=True)
+    for record in records:
+        table.add_row(_time(record["at_ms"]), record["actor"], record["action"], record["node_id"])
+    console.print(table)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -733,6 +734,22 @@ class BillingClient(_OperatorClient):
         )
         response = self._unary(self._stub.SpendReport, request)
         return [ReportLine(r.period, r.group, r.amount_micros, r.transaction_count, r.currency) for r in response.rows]
+
+    def audit(self, *, since_ms: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Admin changes, oldest first: audit_id, at_ms, actor, action, node_id, before and after (decoded)."""
+        response = self._unary(self._stub.ListAuditLog, billing_pb2.ListAuditLogRequest(since_ms=since_ms, limit=limit))
+        return [
+            {
+                "audit_id": r.audit_id,
+                "at_ms": r.at_ms,
+                "actor": r.actor,
+                "action": r.action,
+                "node_id": r.node_id,
+                "before": json.loads(r.before_json) if r.before_json else None,
+                "after": json.loads(r.after_json) if r.after_json else None,
+            }
+            for r in response.records
+        ]
 
     def status(self) -> tuple[int, int, int]:
         """The ledger's lag: (entries pending, age of the oldest in ms, transactions in the ledger)."""

@@ -10,7 +10,7 @@ import grpc
 from spendgate._gen.spendgate.v1 import billing_pb2, billing_pb2_grpc
 from spendgate.api.auth import Authenticator
 from spendgate.api.errors import grpc_errors
-from spendgate.domain import InvalidArgumentError, UnavailableError, check_id
+from spendgate.domain import InvalidArgumentError, NotFoundError, PermissionDeniedError, UnavailableError, check_id
 from spendgate.ledger import LedgerSink, LedgerTransaction, LedgerWriter, ReportGroup, ReportPeriod, TransactionFilter
 from spendgate.store.redis_store import RedisStore
 
@@ -50,7 +50,54 @@ def _filter(node_id: str, since_ms: int, until_ms: int, service: str) -> Transac
     )
 
 
-class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+AUDIT_LIMIT_MAX = 1000
+
+
+async def _visible(store: RedisStore, account_id: str, node_id: str) -> bool:
+    try:
+        return await store.account_of(node_id) == account_id
+    except NotFoundError:
+        # A node since deleted: its account can no longer be told, so only the root sees its records.
+        return False
+
+
+class AuditListingBase:
+    """ListAuditLog, mixed into the billing servicer (both read the ledger)."""
+
+    _ledger: LedgerSink
+    _store: RedisStore
+    _auth: Authenticator
+
+    @grpc_errors
+    async def ListAuditLog(
+        self, request: billing_pb2.ListAuditLogRequest, context: Context
+    ) -> billing_pb2.ListAuditLogResponse:
+        """Admin changes, oldest first: every one for the root, one account's for its admins and readers."""
+        if not 0 <= request.limit <= AUDIT_LIMIT_MAX or request.since_ms < 0:
+            raise InvalidArgumentError(f"limit must be from 1 to {AUDIT_LIMIT_MAX} (0 means 100); since_ms >= 0")
+        caller = await self._auth.principal(context)
+        if caller.role == "agent":
+            raise PermissionDeniedError("agent tokens cannot read the audit log")
+        records = await self._ledger.list_audit(since_ms=request.since_ms, limit=request.limit or 100)
+        if not caller.root:
+            records = [r for r in records if await _visible(self._store, caller.account_id, r.node_id)]
+        return billing_pb2.ListAuditLogResponse(
+            records=[
+                billing_pb2.AuditRecord(
+                    audit_id=r.audit_id,
+                    at_ms=r.at_ms,
+                    actor=r.actor,
+                    action=r.action,
+                    node_id=r.node_id,
+                    before_json=json.dumps(r.before, sort_keys=True) if r.before is not None else "",
+                    after_json=json.dumps(r.after, sort_keys=True) if r.after is not None else "",
+                )
+                for r in records
+            ]
+        )
+
+
+class BillingServicer(AuditListingBase, billing_pb2_grpc.BillingServiceServicer):
     """The gRPC face of the ledger."""
 
     def __init__(

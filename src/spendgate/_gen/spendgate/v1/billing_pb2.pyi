@@ -142,3 +142,35 @@ class GetLedgerStatusResponse(_message.Message):
     ledger_transactions: int
     ledger_unavailable: bool
     def __init__(self, pending_entries: _Optional[int] = ..., oldest_pending_age_ms: _Optional[int] = ..., ledger_transactions: _Optional[int] = ..., ledger_unavailable: _Optional[bool] = ...) -> None: ...
+
+class ListAuditLogRequest(_message.Message):
+    __slots__ = ("since_ms", "limit")
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    since_ms: int
+    limit: int
+    def __init__(self, since_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("audit_id", "at_ms", "actor", "action", "node_id", "before_json", "after_json")
+    AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_JSON_FIELD_NUMBER: _ClassVar[int]
+    AFTER_JSON_FIELD_NUMBER: _ClassVar[int]
+    audit_id: int
+    at_ms: int
+    actor: str
+    action: str
+    node_id: str
+    before_json: str
+    after_json: str
+    def __init__(self, audit_id: _Optional[int] = ..., at_ms: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., node_id: _Optional[str] = ..., before_json: _Optional[str] = ..., after_json: _Optional[str] = ...) -> None: ...
+
+class ListAuditLogResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...

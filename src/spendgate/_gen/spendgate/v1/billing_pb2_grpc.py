@@ -51,6 +51,11 @@ class BillingServiceStub:
                 request_serializer=spendgate_dot_v1_dot_billing__pb2.GetLedgerStatusRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_billing__pb2.GetLedgerStatusResponse.FromString,
                 _registered_method=True)
+        self.ListAuditLog = channel.unary_unary(
+                '/spendgate.v1.BillingService/ListAuditLog',
+                request_serializer=spendgate_dot_v1_dot_billing__pb2.ListAuditLogRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_billing__pb2.ListAuditLogResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -78,6 +83,13 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditLog(self, request, context):
+        """ListAuditLog lists admin changes (who, when, what before and after), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +107,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.GetLedgerStatus,
                     request_deserializer=spendgate_dot_v1_dot_billing__pb2.GetLedgerStatusRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_billing__pb2.GetLedgerStatusResponse.SerializeToString,
+            ),
+            'ListAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditLog,
+                    request_deserializer=spendgate_dot_v1_dot_billing__pb2.ListAuditLogRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_billing__pb2.ListAuditLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +196,33 @@ class BillingService:
             '/spendgate.v1.BillingService/GetLedgerStatus',
             spendgate_dot_v1_dot_billing__pb2.GetLedgerStatusRequest.SerializeToString,
             spendgate_dot_v1_dot_billing__pb2.GetLedgerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.BillingService/ListAuditLog',
+            spendgate_dot_v1_dot_billing__pb2.ListAuditLogRequest.SerializeToString,
+            spendgate_dot_v1_dot_billing__pb2.ListAuditLogResponse.FromString,
             options,
             channel_credentials,
             insecure,
