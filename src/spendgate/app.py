@@ -46,7 +46,7 @@ from spendgate.metrics import Metrics, collect_forever
 from spendgate.plan import load_plan
 from spendgate.settings import Settings
 from spendgate.store.keys import Keys
-from spendgate.store.redis_store import RedisStore
+from spendgate.store.redis_store import REDIS_OUTAGES, RedisStore
 from spendgate.webhooks import WebhookDeliverer, WebhookSettings
 
 log = logging.getLogger("spendgate")
@@ -56,6 +56,8 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 HEALTH_PROBE_INTERVAL_S = 1.0
 EMBEDDED_TIMEOUT_S = 10.0
+# What may stop the writers draining the outbox at shutdown: Redis or the database down, or the deadline.
+_DRAIN_FAILURES: tuple[type[BaseException], ...] = (SpendgateError, *REDIS_OUTAGES)
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -202,8 +204,9 @@ class SpendgateServer:
             # What was settled before the stop reaches the ledger now; an embedded store would lose it.
             try:
                 await self._writers[0].drain(timeout_s=max(grace, 1.0))
-            except (SpendgateError, TimeoutError) as error:
-                # The rest of the shutdown must still happen; what is left stays in a real Redis's outbox.
+            except _DRAIN_FAILURES as error:
+                # The rest of the shutdown must still happen (Redis or the database may be down, or the drain
+                # may time out); what is left stays in a real Redis's outbox.
                 log.warning("the ledger writers did not drain the outbox before stopping: %r", error)
         await cancel_all(self._tasks)
         for client in self._writer_clients:

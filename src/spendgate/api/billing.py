@@ -136,8 +136,14 @@ class BillingServicer(AuditListingBase, billing_pb2_grpc.BillingServiceServicer)
         """Spend totals grouped by node level or service, per day or month."""
         filters = _filter(request.node_id, request.since_ms, request.until_ms, "")
         await self._require(context, request.node_id)
-        group = ReportGroup(request.group_by) if request.group_by else ReportGroup.WALLET
-        period = ReportPeriod(request.period) if request.period else ReportPeriod.MONTH
+        # Enums are open on the wire: a number the proto does not define is refused, not looked up blindly.
+        try:
+            group = ReportGroup(request.group_by) if request.group_by else ReportGroup.WALLET
+            period = ReportPeriod(request.period) if request.period else ReportPeriod.MONTH
+        except ValueError as error:
+            raise InvalidArgumentError(
+                f"group_by {request.group_by} or period {request.period} is not a value the API defines"
+            ) from error
         rows = await self._ledger.spend_report(group, period, filters)
         return billing_pb2.SpendReportResponse(
             rows=[
