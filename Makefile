@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GEN    := src/spendgate/_gen
 PROTOS := $(wildcard protos/spendgate/v1/*.proto)
 
-.PHONY: run test test-fast lint proto proto-check buf-lint bench clean help
+.PHONY: run test lint proto proto-check buf-lint bench clean help
 
 help:
 	@echo "make run         start the server on the embedded default with the example fleet"

@@ -323,7 +323,7 @@ class AdminCore:
             raise FailedPreconditionError(
                 "refusing to remove or move nodes that carry money: "
                 + "; ".join(unsafe)
-                + " (pass force to do it anyway)"
+                + " (pass force, --force in the CLI, to do it anyway)"
             )
         writes = [change.after for change in changes if change.after is not None]
         removals = [change for change in changes if change.kind is ChangeKind.REMOVED]
@@ -420,7 +420,9 @@ class AdminCore:
             raise InvalidArgumentError(f"{new_parent_id} is under {node_id}; a node cannot move under itself")
         unsafe = await self._unsafe(plan, node_id)
         if unsafe and not force:
-            raise FailedPreconditionError(f"refusing to move: {unsafe} (pass force to move it anyway)")
+            raise FailedPreconditionError(
+                f"refusing to move: {unsafe} (pass force, --force in the CLI, to move it anyway)"
+            )
         moved = dataclasses.replace(node, parent_id=new_parent_id)
         await self.store.put_plan(plan, nodes=[moved])
         await self._record(
@@ -444,7 +446,9 @@ class AdminCore:
         if not force:
             reasons = [reason for reason in [await self._unsafe(plan, n.node_id) for n in doomed] if reason]
             if reasons:
-                raise FailedPreconditionError("refusing to delete: " + "; ".join(reasons) + " (pass force)")
+                raise FailedPreconditionError(
+                    "refusing to delete: " + "; ".join(reasons) + " (pass force, --force in the CLI)"
+                )
         windows = windows_at(self._clock.now_ms(), plan.time_zone)
         for doomed_node in reversed(doomed):
             await self.store.delete_node(plan.account_id, doomed_node.node_id, force=force, windows=windows)

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -67,6 +68,10 @@ def _amount(text: str) -> int:
 def _tls(options: dict[str, Any]) -> Tls | None:
     if not (options["tls_ca"] or options["tls_cert"]):
         return None
+    for option in ("tls_ca", "tls_cert", "tls_key"):
+        path = options[option]
+        if path and not os.path.isfile(path):
+            fail(f"--{option.replace('_', '-')} {path}: no such file")
     return Tls(ca_file=options["tls_ca"] or "", cert_file=options["tls_cert"] or "", key_file=options["tls_key"] or "")
 
 

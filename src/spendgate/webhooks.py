@@ -30,6 +30,7 @@ from spendgate.store.redis_store import RedisStore
 log = logging.getLogger("spendgate.webhooks")
 
 GROUP = "webhooks"
+WINDOW_NAMES = {"1": "day", "2": "week", "3": "month", "4": "total", "5": "minute"}
 KIND_NAMES = {"1": "decision", "2": "capture", "3": "void", "4": "alert", "5": "freeze", "6": "unfreeze", "7": "config"}
 
 
@@ -75,7 +76,7 @@ def event_body(account_id: str, event_id: str, fields: dict[str, str]) -> dict[s
         "node_id": fields.get("node", ""),
         "at_ms": int(fields.get("at", "0") or 0),
         "amount_micros": int(fields.get("amt", "0") or 0),
-        "window": fields.get("win", ""),
+        "window": WINDOW_NAMES.get(fields.get("win", ""), ""),
         "threshold_percent": int(fields.get("pct", "0") or 0),
         "message": fields.get("msg", ""),
     }
