@@ -336,6 +336,7 @@ class AdminCore:
             await self.store.delete_node(plan.account_id, change.node_id, force=force, windows=windows)
             if progress is not None:
                 progress(len(writes) + index, total)
+        await self._retire_tokens(plan.account_id, {c.node_id for c in removals}, actor)
         now_ms = self._clock.now_ms()
         for change in changes:
             await self._audit.record_audit(
@@ -461,6 +462,7 @@ class AdminCore:
                 None,
                 f"deleted {doomed_node.node_id}",
             )
+        await self._retire_tokens(plan.account_id, {n.node_id for n in doomed}, actor)
         await self._record_config(plan.account_id, actor)
         return [n.node_id for n in doomed]
 
@@ -502,6 +504,13 @@ class AdminCore:
         )
         await self._record_config(plan.account_id, actor)
         return was_frozen
+
+    async def _retire_tokens(self, account_id: str, node_ids: set[str], actor: str) -> None:
+        """Revoke the tokens scoped to removed nodes, which a node created later with the same id must not inherit."""
+        for record in await self.store.list_tokens():
+            if record.account_id == account_id and record.scope_node_id in node_ids:
+                await self.store.revoke_token(record)
+                await self.audit_token(actor, "token.revoke", record)
 
     async def audit_token(self, actor: str, action: str, record: TokenRecord) -> None:
         """Record the issue or revocation of a token (its hash and secret stay out of the log)."""

@@ -75,7 +75,8 @@ class Settings:
     plan_size_max_bytes: int = 32 * 1024 * 1024
     metadata_size_max_bytes: int = 8 * 1024
     holds_per_wallet_max: int = 1000
-    # HTTP/2 streams one client connection may have open at once; more wait for a free one.
+    # HTTP/2 streams one client connection may have open at once; the server refuses more (UNAVAILABLE, which
+    # the clients retry), so one connection cannot grow the server's memory without bound.
     streams_per_connection_max: int = 256
     concurrent_rpcs_max: int = 10_000
 

@@ -197,6 +197,14 @@ class AdminStore(SpendStore, Protocol):
         """Return an account's open holds and ledger outbox backlog."""
         ...
 
+    async def list_tokens(self) -> list[TokenRecord]:
+        """Every token's record (without secrets)."""
+        ...
+
+    async def revoke_token(self, record: TokenRecord) -> None:
+        """Delete a token everywhere."""
+        ...
+
     async def restore_counters(
         self, account_id: str, windows: Mapping[Window, str], spent: Mapping[str, Mapping[Window, int]]
     ) -> int:
