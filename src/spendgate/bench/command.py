@@ -146,6 +146,20 @@ def _phases(text: str) -> tuple[str, ...]:
     metavar="NAME=VALUE",
     help="A SPENDGATE_* setting for the server this run starts (e.g. SPENDGATE_LEDGER=off); repeatable.",
 )
+@click.option(
+    "--database-url",
+    default="",
+    envvar="SPENDGATE_BENCH_DATABASE_URL",
+    help="PostgreSQL the ledger phase creates its database through (and drops it after) "
+    "[default: postgresql://postgres@127.0.0.1:5432/postgres; SPENDGATE_BENCH_DATABASE_URL].",
+)
+@click.option(
+    "--ledger-writers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Ledger phase: writer loops of `spendgate ledger --writers N`, and of the server under load.",
+)
 @click.option("--quick", is_flag=True, help="Short phases (for smoke tests): 0.3 s after 0.1 s warm-up.")
 def bench_command(
     target: str,
@@ -174,6 +188,8 @@ def bench_command(
     work_dir: str,
     py_spy_dir: str,
     server_env: tuple[str, ...],
+    database_url: str,
+    ledger_writers: int,
     quick: bool,
 ) -> None:
     """Load-test spendgate and measure this machine's ceilings, so the results read as ratios.
@@ -212,6 +228,8 @@ def bench_command(
             work_dir=work_dir,
             py_spy_dir=py_spy_dir,
             server_environment=_environment(server_env),
+            database_url=database_url,
+            ledger_writers=ledger_writers,
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None

@@ -233,6 +233,10 @@ def print_report(report: BenchReport, console: Console) -> None:
                 + (f" (up to {check.unknown_micros_max:,} more from failed calls)" if check.unknown_micros_max else ""),
                 highlight=False,
             )
+    if report.ledger is not None:
+        from spendgate.bench.ledger_phase import print_ledger
+
+        print_ledger(report.ledger, console)
     for phase, profile in report.profiles.items():
         console.print(profile_table(phase, profile))
 

@@ -11,6 +11,8 @@ The phases (``--phases`` picks some of them); the ceilings run first, before spe
 ``redis``            the authorize script straight at Redis, one EVALSHA per round trip, ``concurrency`` callers
 ``redis-pipelined``  the same, ``--batch`` scripts per pipelined round trip
 ``exhaust``          unary ``Authorize`` with a large amount, so limits bite under load before the check
+``ledger``           the ledger writer's entries/s into PostgreSQL against the server's one-shot calls/s, and the
+                     lag under load (:mod:`spendgate.bench.ledger_phase`; runs last, on servers of its own)
 
 Every phase warms up, then measures for ``duration_s``; the generator processes, the server and
 redis-server report their CPU time over the measured window.
@@ -33,7 +35,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -53,6 +55,9 @@ from spendgate.bench.servers import (
 )
 from spendgate.bench.stats import PhaseResult
 
+if TYPE_CHECKING:
+    from spendgate.bench.ledger_phase import LedgerFigures
+
 ALL_PHASES = (
     "empty-unary",
     "unary",
@@ -62,6 +67,7 @@ ALL_PHASES = (
     "redis",
     "redis-pipelined",
     "exhaust",
+    "ledger",
     "empty-unary-metrics",
 )
 DEFAULT_PHASES = ALL_PHASES[:-1]
@@ -79,6 +85,7 @@ CONCURRENCY_MAX = 100_000
 PROCESSES_MAX = 64
 STREAMS_MAX = 256
 BATCH_SIZE_MAX = 10_000
+LEDGER_WRITERS_MAX = 64
 # Other load (cores busy outside the benchmark) above which a phase's figures are called noisy.
 OTHER_CORES_NOISY = 0.25
 # py-spy's sampling rate: enough samples in a few seconds, few enough pauses to leave the server's speed alone.
@@ -116,6 +123,9 @@ class BenchOptions:
     py_spy_dir: str = ""
     # SPENDGATE_* settings for the server this run starts (not for --target).
     server_environment: tuple[tuple[str, str], ...] = ()
+    # The ledger phase: a PostgreSQL URL it may create (and drop) a database through, and its writer loops.
+    database_url: str = ""
+    ledger_writers: int = 1
 
     def __post_init__(self) -> None:
         unknown = [phase for phase in self.phases if phase not in ALL_PHASES]
@@ -123,7 +133,7 @@ class BenchOptions:
             raise ValueError(f"unknown phase(s) {', '.join(unknown)}; the phases are {', '.join(ALL_PHASES)}")
         if self.target and self.embedded:
             raise ValueError("--target drives a running server and --embedded starts one: pick one")
-        for name in ("concurrency", "processes", "streams", "amount_micros", "batch_size"):
+        for name in ("concurrency", "processes", "streams", "amount_micros", "batch_size", "ledger_writers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name, bound in (
@@ -132,6 +142,7 @@ class BenchOptions:
             ("processes", PROCESSES_MAX),
             ("streams", STREAMS_MAX),
             ("batch_size", BATCH_SIZE_MAX),
+            ("ledger_writers", LEDGER_WRITERS_MAX),
         ):
             if getattr(self, name) > bound:
                 raise ValueError(f"{name} must be at most {bound:,}")
@@ -139,6 +150,8 @@ class BenchOptions:
             raise ValueError("the duration must be positive, the warm-up and the rate not negative")
         if (self.accounts or self.pools or self.wallets) and self.plans:
             raise ValueError("give plan files or a generated fleet (--accounts/--pools/--wallets), not both")
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("--database-url must be a postgresql://user@host:port/database URL")
 
     @property
     def generated(self) -> bool:
@@ -164,6 +177,8 @@ class BenchReport:
     # py-spy summaries of the server per phase (with --py-spy).
     profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # The ledger phase's figures, when it ran.
+    ledger: LedgerFigures | None = None
 
     def throughput(self, phase: str) -> float | None:
         """A phase's calls per second, if it ran."""
@@ -189,8 +204,8 @@ class BenchReport:
 
     @property
     def passed(self) -> bool:
-        """Whether the end-of-run check passed (a run without one passes)."""
-        return self.check is None or self.check.passed
+        """Whether the end-of-run check (and the ledger phase's exactly-once check) passed; none run passes."""
+        return (self.check is None or self.check.passed) and (self.ledger is None or self.ledger.passed)
 
     def to_json(self) -> dict[str, Any]:
         """Every figure, for ``--json``."""
@@ -205,6 +220,7 @@ class BenchReport:
             "ratios": self.ratios(),
             "check": self.check.to_json() if self.check else None,
             "profiles": self.profiles,
+            "ledger": self.ledger.to_json() if self.ledger else None,
             "passed": self.passed,
             "notes": self.notes,
         }
@@ -228,7 +244,7 @@ def _own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _apply_directly(redis_url: str, fleet: Fleet, plans: slice) -> float:
+async def _apply_directly(redis_url: str, fleet: Fleet, plans: slice, *, key_prefix: str = "sg") -> float:
     """Apply plans straight into the benchmark's own Redis with the server's own code; returns seconds."""
     from spendgate.admin import AdminCore
     from spendgate.app import build_store
@@ -236,7 +252,7 @@ async def _apply_directly(redis_url: str, fleet: Fleet, plans: slice) -> float:
     from spendgate.core import SpendCore
     from spendgate.settings import Settings
 
-    store = build_store(Settings(redis_url=redis_url, redis_timeout_s=30.0))
+    store = build_store(Settings(redis_url=redis_url, redis_timeout_s=30.0, key_prefix=key_prefix))
     clock = SystemClock()
     admin = AdminCore(store, SpendCore(store, clock), clock)
     started = time.perf_counter()
@@ -621,6 +637,10 @@ class Bench:
             # Spending a server's budgets to their limits is for servers this run started, unless asked for.
             phases.remove("exhaust")
             self.report.skipped["exhaust"] = "not run against --target unless named in --phases"
+            if "ledger" in phases:
+                # The ledger phase never touches the target: it measures servers of its own, on this machine.
+                phases.remove("ledger")
+                self.report.skipped["ledger"] = "not run against --target unless named in --phases"
         self.fleet = fleet = self._fleet()
         self._describe_system(fleet)
         binary = find_redis_server(options.redis_server)
@@ -673,16 +693,6 @@ class Bench:
             await self._redis_phases(phases)
             if "exhaust" in phases:
                 await self._exhaust_phase(server)
-            noisy = [
-                name
-                for name, result in self.report.phases.items()
-                if (other := result.cores(result.other_cpu_s)) is not None and other > OTHER_CORES_NOISY
-            ]
-            if noisy:
-                self.report.notes.append(
-                    f"other processes kept more than {OTHER_CORES_NOISY} cores busy during {', '.join(noisy)}: "
-                    "those figures are noisy; run again on a quiet machine"
-                )
             rss = server.rss_bytes()
             if rss is not None:
                 system["server_rss_bytes"] = rss
@@ -703,6 +713,25 @@ class Bench:
                 approved_micros=approved,
                 lifetime_before_micros=lifetime_before,
                 unknown_micros_max=unknown,
+            )
+        if "ledger" in phases:
+            # After the server under test has stopped: the phase starts servers and a writer of its own (and
+            # imports psycopg, which the generator processes need not).
+            from spendgate.bench.ledger_phase import run_ledger_phase
+
+            self.report.ledger = await run_ledger_phase(self, fleet)
+        noisy = [
+            name
+            for name, result in self.report.phases.items()
+            # In ledger-lag, PostgreSQL (under test there) is part of the "other" load.
+            if name != "ledger-lag"
+            and (other := result.cores(result.other_cpu_s)) is not None
+            and other > OTHER_CORES_NOISY
+        ]
+        if noisy:
+            self.report.notes.append(
+                f"other processes kept more than {OTHER_CORES_NOISY} cores busy during {', '.join(noisy)}: "
+                "those figures are noisy; run again on a quiet machine"
             )
 
 
