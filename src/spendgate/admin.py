@@ -27,7 +27,7 @@ from spendgate.domain import (
     check_id,
 )
 from spendgate.ledger.sink import TransactionFilter, TransactionPage
-from spendgate.money import format_amount
+from spendgate.money import format_amount, plan_amount
 from spendgate.recommend import Recommendation, Spend, Stage, recommend
 from spendgate.store.protocol import AdminStore, TokenRecord
 from spendgate.windows import windows_at
@@ -601,11 +601,7 @@ class AdminCore:
 
 def plan_to_document(plan: AccountPlan) -> dict[str, Any]:
     """The YAML document of a plan (the inverse of :func:`spendgate.plan.parse_plan`); amounts in units."""
-    from spendgate.money import MICROS_PER_UNIT
-
-    def amount(micros: int) -> int | str:
-        units, rest = divmod(micros, MICROS_PER_UNIT)
-        return units if rest == 0 else f"{units}.{rest:06d}".rstrip("0")
+    amount = plan_amount
 
     def body(node: NodeSpec) -> dict[str, Any]:
         limits: dict[str, Any] = {}

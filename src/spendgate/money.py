@@ -57,6 +57,12 @@ def parse_amount(text: str | int | float | decimal.Decimal) -> int:
     return result
 
 
+def plan_amount(micros: int) -> int | str:
+    """Micro-units as a plan file writes them, which :func:`parse_amount` reads back: ``50`` or ``"0.25"``."""
+    units, rest = divmod(micros, MICROS_PER_UNIT)
+    return units if rest == 0 else f"{units}.{rest:06d}".rstrip("0")
+
+
 def format_amount(micros: int, currency: str = "USD") -> str:
     """Show micro-units as a person reads them: ``$1,234.50`` for USD, ``12.000001 EUR`` otherwise."""
     sign = "-" if micros < 0 else ""
