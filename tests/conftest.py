@@ -34,6 +34,7 @@ from spendgate.clock import ManualClock
 from spendgate.core import SpendCore
 from spendgate.domain import AccountPlan
 from spendgate.store.keys import Keys
+from spendgate.store.pipe import RedisPipe
 from spendgate.store.redis_store import RedisStore
 
 # The stores under test get a generous deadline: these tests check decisions, not latency, and fakeredis runs
@@ -120,20 +121,33 @@ async def backend(backend_kind: str, request: pytest.FixtureRequest) -> AsyncIte
 
 
 @pytest.fixture
-async def make_store(backend: aioredis.Redis) -> AsyncIterator[Callable[..., RedisStore]]:
-    """Make RedisStores over the backend, each under a new key prefix; their keys are deleted afterwards."""
+async def make_store(
+    backend: aioredis.Redis, backend_kind: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., RedisStore]]:
+    """Make RedisStores over the backend, each under a new key prefix; their keys are deleted afterwards.
+
+    Over the real Redis the scripts go through the pipe (store/pipe.py), as in a server; pass ``pipe=None``
+    for redis-py's batcher.
+    """
     prefixes: list[str] = []
+    pipes: list[RedisPipe] = []
 
     def make(prefix: str | None = None, **options: Any) -> RedisStore:
         prefix = prefix or new_prefix()
         if prefix not in prefixes:
             prefixes.append(prefix)
         options.setdefault("timeout_s", STORE_TIMEOUT_S)
+        if backend_kind == "redis" and "pipe" not in options:
+            pipe = RedisPipe.from_url(request.getfixturevalue("redis_url"), timeout_s=options["timeout_s"])
+            pipes.append(pipe)
+            options["pipe"] = pipe
         return RedisStore(backend, keys=Keys(prefix), **options)
 
     try:
         yield make
     finally:
+        for pipe in pipes:
+            await pipe.close()
         # A test may have killed the server (outage tests); a restarted server holds none of our keys.
         with suppress_connection_errors():
             for prefix in prefixes:

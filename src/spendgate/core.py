@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
-import uuid
 
 from spendgate.clock import Clock
 from spendgate.domain import (
@@ -38,7 +38,8 @@ AUTHORIZATION_ID_LENGTH_MAX = 64 + 1 + 32
 
 def new_authorization_id(account_id: str) -> str:
     """Return a fresh authorization id; it names its account so a capture needs no lookup."""
-    return f"{account_id}:{uuid.uuid4().hex}"
+    # 128 random bits as 32 hex digits, like uuid4().hex (without building a UUID object per decision).
+    return f"{account_id}:{os.urandom(16).hex()}"
 
 
 def parse_authorization_id(authorization_id: str) -> str:
@@ -58,18 +59,22 @@ def parse_authorization_id(authorization_id: str) -> str:
     return account_id
 
 
+# JSON's own string quoting (the C function json.dumps uses with its default ensure_ascii).
+_quote = json.encoder.encode_basestring_ascii
+
+
 def fingerprint(command: AuthorizeCommand) -> str:
-    """Return a digest of everything that makes two authorization requests the same request."""
-    canonical = json.dumps(
-        [
-            command.wallet_id,
-            command.amount_micros,
-            command.currency,
-            command.service,
-            command.capture,
-            sorted(command.metadata.items()),
-        ],
-        separators=(",", ":"),
+    """Return a digest of everything that makes two authorization requests the same request.
+
+    The digest is of ``json.dumps([wallet_id, amount_micros, currency, service, capture, sorted metadata
+    items], separators=(",", ":"))``; it is kept in idempotency records, so it must never change. The list is
+    written out here with json's own quoting, which is the same text at a fraction of the cost per decision
+    (a test holds the two equal).
+    """
+    metadata = json.dumps(sorted(command.metadata.items()), separators=(",", ":")) if command.metadata else "[]"
+    canonical = (
+        f"[{_quote(command.wallet_id)},{int(command.amount_micros)},{_quote(command.currency)},"
+        f"{_quote(command.service)},{'true' if command.capture else 'false'},{metadata}]"
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 

@@ -22,6 +22,9 @@ class Settings:
     redis_url: str = ""
     redis_timeout_s: float = 0.25
     redis_connections_max: int = 64
+    # Send the hot path's scripts over spendgate's own pipelined connection (store/pipe.py) instead of
+    # redis-py's pool; TLS URLs always use redis-py. Off is for comparing the two.
+    redis_pipe: bool = True
     key_prefix: str = "sg"
     hold_ttl_s: float = 300.0
     idempotency_ttl_s: float = 86_400.0

@@ -359,8 +359,17 @@ class Bench:
             process.stop()
 
     def _server_environment(self) -> dict[str, str]:
-        """The server's SPENDGATE_* settings: its own data directory (its ledger), then the user's."""
-        return {"SPENDGATE_DATA_DIR": str(self.work_dir / "data"), **dict(self.options.server_environment)}
+        """The server's SPENDGATE_* settings: its own data directory (its ledger), then the user's.
+
+        The server runs no ledger writer of its own, as the README advises for a busy deployment: writers run
+        as `spendgate ledger` processes, and the ledger phase measures them. (A writer inside the server would
+        take its CPU from the hot path measured here; ``--server-env SPENDGATE_LEDGER_WRITERS=1`` puts it back.)
+        """
+        return {
+            "SPENDGATE_DATA_DIR": str(self.work_dir / "data"),
+            "SPENDGATE_LEDGER_WRITERS": "0",
+            **dict(self.options.server_environment),
+        }
 
     @contextlib.asynccontextmanager
     async def _embedded(self, fleet: Fleet) -> AsyncIterator[_ServerUnderTest]:

@@ -8,12 +8,11 @@ the same scripts. Every call is bounded by ``timeout_s``; a Redis that is down o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.resources
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -47,6 +46,7 @@ from spendgate.domain import (
 )
 from spendgate.money import format_amount
 from spendgate.store.keys import Keys
+from spendgate.store.pipe import RedisPipe, encode_command
 from spendgate.store.protocol import AccountInfo, Backlog, Chain, StaleChainError, TokenRecord
 from spendgate.windows import WindowIds
 
@@ -65,6 +65,8 @@ _SCRIPTS = (
 )
 # Admin calls write or read many nodes per round trip; they get a longer deadline than the hot path.
 PUT_BATCH_SIZE = 500
+# Chains whose fixed script arguments are kept (a bound, not an LRU, like the core's chain cache).
+CHAIN_ARGUMENTS_CACHED_MAX = 100_000
 BULK_TIMEOUT_S = 30.0
 # The configuration fields of a node's hash, in the order _node_spec reads them.
 _CONFIG_FIELDS = ("kind", "parent", "ptx", "l:d", "l:w", "l:m", "l:t", "vel", "svc", "frz", "shd", "brk")
@@ -97,13 +99,23 @@ def load_script_source(name: str) -> str:
     return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
-def explain(result: AuthorizeResult, *, limit: int, used: int, amount_micros: int, currency: str) -> str:
+def explain(
+    decision: Decision,
+    deny_reason: DenyReason,
+    denied_by: NodeWindow | None,
+    hold_state: HoldState,
+    *,
+    limit: int,
+    used: int,
+    amount_micros: int,
+    currency: str,
+) -> str:
     """Say in a sentence why a decision went the way it did."""
-    if result.decision is Decision.APPROVED:
-        verb = "settled" if result.hold_state is HoldState.CAPTURED else "held"
+    if decision is Decision.APPROVED:
+        verb = "settled" if hold_state is HoldState.CAPTURED else "held"
         return f"approved: {format_amount(amount_micros, currency)} {verb}"
-    node = result.denied_by.node_id if result.denied_by else "?"
-    match result.deny_reason:
+    node = denied_by.node_id if denied_by else "?"
+    match deny_reason:
         case DenyReason.FROZEN:
             return f"denied: {node} is frozen"
         case DenyReason.SERVICE_NOT_ALLOWED:
@@ -116,11 +128,52 @@ def explain(result: AuthorizeResult, *, limit: int, used: int, amount_micros: in
         case DenyReason.VELOCITY_LIMIT:
             return f"denied: {node} already approved {used} of its {limit} transactions this minute"
         case _:
-            window = _WINDOW_WORDS.get(result.denied_by.window if result.denied_by else Window.NONE, "?")
+            window = _WINDOW_WORDS.get(denied_by.window if denied_by else Window.NONE, "?")
             return (
                 f"denied: {format_amount(amount_micros, currency)} would take {node} past its {window} limit "
                 f"of {format_amount(limit, currency)} ({format_amount(used, currency)} spent or held)"
             )
+
+
+_DECISIONS = {str(int(value)): value for value in Decision}
+_DENY_REASONS = {str(int(value)): value for value in DenyReason}
+_WINDOWS = {str(int(value)): value for value in Window}
+_HOLD_STATES = {str(int(value)): value for value in HoldState}
+
+
+def _authorize_result(reply: list[Any], command: AuthorizeCommand) -> AuthorizeResult:
+    """The AuthorizeResult of an 'OK' reply of authorize.lua (see the script's header for the fields)."""
+    decision = _DECISIONS[reply[1]]
+    tight_window = _WINDOWS[reply[7]]
+    would_reason = _DENY_REASONS[reply[15]]
+    denied = decision is Decision.DENIED
+    denied_by = NodeWindow(str(reply[4]), _WINDOWS[reply[5]]) if denied else None
+    hold_state = _HOLD_STATES[reply[11]]
+    deny_reason = _DENY_REASONS[reply[3]]
+    return AuthorizeResult(
+        decision=decision,
+        authorization_id=str(reply[2]),
+        deny_reason=deny_reason,
+        denied_by=denied_by,
+        remaining=RemainingBudget(str(reply[6]), tight_window, int(reply[8]), int(reply[9]))
+        if tight_window is not Window.NONE
+        else None,
+        hold_expires_at_ms=int(reply[10]),
+        hold_state=hold_state,
+        captured_micros=int(reply[12]),
+        message=explain(
+            decision,
+            deny_reason,
+            denied_by,
+            hold_state,
+            limit=int(reply[13]),
+            used=int(reply[14]),
+            amount_micros=command.amount_micros,
+            currency=command.currency,
+        ),
+        would_deny_reason=would_reason,
+        would_deny_by=NodeWindow(str(reply[16]), _WINDOWS[reply[17]]) if would_reason is not DenyReason.NONE else None,
+    )
 
 
 class ScriptBatcher:
@@ -208,6 +261,7 @@ class RedisStore:
         on_outage: Callable[[], None] | None = None,
         holds_per_wallet_max: int = 1000,
         batching: bool = True,
+        pipe: RedisPipe | None = None,
     ) -> None:
         self._client = client
         self.keys = keys or Keys()
@@ -225,6 +279,11 @@ class RedisStore:
         self._holds_per_wallet_max = holds_per_wallet_max
         self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
         self._batcher = ScriptBatcher(client) if batching else None
+        # The hot path's transport where there is one (real Redis over TCP or a Unix socket): it batches by
+        # itself, so it replaces the batcher.
+        self._pipe = pipe
+        # Per chain, the script keys and arguments that are the same on every authorization from it.
+        self._chain_arguments: dict[Chain, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         # Whether the client is the embedded in-process fakeredis (set by the composition root).
         self.in_process = False
 
@@ -238,21 +297,40 @@ class RedisStore:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 return await coroutine
         except REDIS_OUTAGES as error:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Python 3.11's asyncio.timeout can turn a cancellation that races its deadline into a
-                # TimeoutError; a task being cancelled must stop, not see an outage and carry on.
-                raise asyncio.CancelledError from error
-            if self._on_outage is not None:
-                self._on_outage()
-            raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error
+            self._outage(error)
+
+    def _outage(self, error: BaseException) -> NoReturn:
+        """Raise UnavailableError for a Redis that is not answering (after counting it)."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Python 3.11's asyncio.timeout can turn a cancellation that races its deadline into a
+            # TimeoutError; a task being cancelled must stop, not see an outage and carry on.
+            raise asyncio.CancelledError from error
+        if self._on_outage is not None:
+            self._on_outage()
+        raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
-        if self._batcher is not None:
+        if self._pipe is not None:
+            try:
+                reply = await self._piped(self._pipe, self._scripts[script], keys, args)
+            except REDIS_OUTAGES as error:
+                self._outage(error)
+        elif self._batcher is not None:
             reply = await self._call(self._batcher.call(self._scripts[script], keys, args))
         else:
             reply = await self._call(self._scripts[script](keys=list(keys), args=list(args)))
         return list(reply) if isinstance(reply, list) else [reply]
+
+    @staticmethod
+    async def _piped(pipe: RedisPipe, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        command = encode_command(["EVALSHA", script.sha, len(keys), *keys, *args])
+        try:
+            return await pipe.send(command)
+        except redis.exceptions.NoScriptError:
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): load the script and run it once more.
+            await pipe.execute("SCRIPT", "LOAD", script.script)
+            return await pipe.send(command)
 
     # ------------------------------------------------------------------------------------------------
     # Lookups.
@@ -307,7 +385,9 @@ class RedisStore:
         await self._call(self._client.ping())
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (and the pipe)."""
+        if self._pipe is not None:
+            await self._pipe.close()
         await self._client.aclose()
 
     # ------------------------------------------------------------------------------------------------
@@ -326,15 +406,10 @@ class RedisStore:
     ) -> tuple[AuthorizeResult, bool]:
         """Decide and apply one authorization in one script call (the caller's token checked first)."""
         account = chain.account_id
-        keys = [
-            self.keys.holds(account),
-            self.keys.outbox(account),
-            self.keys.idempotency(account, chain.wallet_id, command.idempotency_key),
-            self.keys.hold(account, authorization_id),
-            self.keys.events(account),
-            self._token_key(account, token_mode),
-            *(self.keys.node(account, node_id) for node_id in chain.node_ids),
-        ]
+        fixed = self._chain_arguments.get(chain)
+        if fixed is None:
+            fixed = self._chain_arguments_of(chain)
+        keys, chain_args = fixed
         args: list[str | int] = [
             now_ms,
             chain.topo,
@@ -351,16 +426,28 @@ class RedisStore:
             windows.week,
             windows.month,
             windows.minute,
-            json.dumps(dict(command.metadata), sort_keys=True, separators=(",", ":")),
+            json.dumps(dict(command.metadata), sort_keys=True, separators=(",", ":")) if command.metadata else "{}",
             command.idempotency_key,
             self._expire_count_max,
             self._alert_percents,
             self.events_length_max,
             token_mode,
             self._holds_per_wallet_max,
-            *chain.node_ids,
+            *chain_args,
         ]
-        reply = await self._run("authorize", keys, args)
+        reply = await self._run(
+            "authorize",
+            [
+                keys[0],
+                keys[1],
+                self.keys.idempotency(account, chain.wallet_id, command.idempotency_key),
+                self.keys.hold(account, authorization_id),
+                keys[2],
+                self._token_key(account, token_mode),
+                *keys[3:],
+            ],
+            args,
+        )
         if reply[0] == "ERR":
             code, detail = reply[1], reply[2]
             await self._raise_token_error(str(code), str(detail), token_mode)
@@ -381,31 +468,21 @@ class RedisStore:
                     f"currency {command.currency!r} is not the currency of account {account!r} ({detail})"
                 )
             raise RuntimeError(f"authorize.lua answered an unknown error {code!r}")
-        decision = Decision(int(reply[1]))
-        reason = DenyReason(int(reply[3]))
-        tight_window = Window(int(reply[7]))
-        result = AuthorizeResult(
-            decision=decision,
-            authorization_id=str(reply[2]),
-            deny_reason=reason,
-            denied_by=NodeWindow(str(reply[4]), Window(int(reply[5]))) if decision is Decision.DENIED else None,
-            remaining=RemainingBudget(str(reply[6]), tight_window, int(reply[8]), int(reply[9]))
-            if tight_window is not Window.NONE
-            else None,
-            hold_expires_at_ms=int(reply[10]),
-            hold_state=HoldState(int(reply[11])),
-            captured_micros=int(reply[12]),
-            would_deny_reason=DenyReason(int(reply[15])),
-            would_deny_by=NodeWindow(str(reply[16]), Window(int(reply[17]))) if int(reply[15]) else None,
+        return _authorize_result(reply, command), reply[18] == "1"
+
+    def _chain_arguments_of(self, chain: Chain) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """A chain's fixed script keys (holds, outbox, events, then its nodes) and arguments (its node ids)."""
+        account = chain.account_id
+        keys = (
+            self.keys.holds(account),
+            self.keys.outbox(account),
+            self.keys.events(account),
+            *(self.keys.node(account, node_id) for node_id in chain.node_ids),
         )
-        message = explain(
-            result,
-            limit=int(reply[13]),
-            used=int(reply[14]),
-            amount_micros=command.amount_micros,
-            currency=command.currency,
-        )
-        return dataclasses.replace(result, message=message), reply[18] == "1"
+        if len(self._chain_arguments) >= CHAIN_ARGUMENTS_CACHED_MAX:
+            self._chain_arguments.clear()
+        fixed = self._chain_arguments[chain] = (keys, chain.node_ids)
+        return fixed
 
     async def capture(
         self,

@@ -1,0 +1,260 @@
+"""The hot path's Redis transport: one connection that pipelines every command issued in one event-loop turn.
+
+redis-py pays for a pool checkout, a command object, a timeout context and a reply parser per call, several
+times what a decision costs in Lua. Here a call encodes its command (RESP2) into a write buffer and gets a
+future; one ``call_soon`` callback writes everything buffered in that turn with a single ``write``, so
+concurrent decisions share one round trip (under load, dozens per write). Replies come back in order and
+are parsed by hiredis in C, each handed to the next waiting future.
+
+A deadline covers the whole connection rather than each call: a watchdog looks at the oldest unanswered
+command, and once it has waited ``timeout_s`` the connection is declared dead, every waiting caller gets
+:class:`TimeoutError` and the next call reconnects. So a Redis that stops answering costs callers at most
+about ``timeout_s`` and never hangs them, without a timer per call. A lost connection fails its waiting
+callers with :class:`ConnectionError` (their outcome is unknown: the scripts may or may not have run, which
+idempotency keys make safe to retry).
+
+Only plain TCP and Unix-socket URLs are handled (with AUTH and SELECT); the composition root keeps redis-py
+for TLS and for the embedded fakeredis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import redis.exceptions
+from redis.asyncio.connection import SSLConnection, parse_url
+
+# How often, as a share of the deadline, the watchdog looks at the oldest unanswered command.
+_WATCH_SHARE = 0.25
+
+
+class PipeUnsupportedError(ValueError):
+    """The URL needs a transport this module does not implement (TLS); use redis-py for it."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where and how to connect: TCP host and port, or a Unix socket path; credentials; database."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str = ""
+    username: str = ""
+    password: str = ""
+    db: int = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        """Parse a ``redis://`` or ``unix://`` URL (as redis-py does); ``rediss://`` raises PipeUnsupportedError."""
+        options = parse_url(url)
+        if options.get("connection_class") is SSLConnection:
+            raise PipeUnsupportedError("TLS (rediss://) is served by redis-py, not the pipe")
+        return cls(
+            host=str(options.get("host") or "127.0.0.1"),
+            port=int(options.get("port") or 6379),
+            path=str(options.get("path") or ""),
+            username=str(options.get("username") or ""),
+            password=str(options.get("password") or ""),
+            db=int(options.get("db") or 0),
+        )
+
+
+def encode_command(args: Sequence[str | bytes | int]) -> bytes:
+    """One command as a RESP2 array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+# Error replies that mean "Redis cannot serve now" get redis-py's classes for them, which callers treat as an
+# outage; any other error reply is a ResponseError (NOSCRIPT its own subclass, which the store handles).
+_REPLY_ERRORS: tuple[tuple[str, type[redis.exceptions.RedisError]], ...] = (
+    ("NOSCRIPT", redis.exceptions.NoScriptError),
+    ("LOADING", redis.exceptions.BusyLoadingError),
+    ("READONLY", redis.exceptions.ReadOnlyError),
+    ("TRYAGAIN", redis.exceptions.TryAgainError),
+    ("CLUSTERDOWN", redis.exceptions.ClusterDownError),
+    ("MASTERDOWN", redis.exceptions.ConnectionError),
+)
+
+
+def _reply_error(message: str) -> redis.exceptions.RedisError:
+    for word, error_class in _REPLY_ERRORS:
+        if message.startswith(word):
+            return error_class(message)
+    return redis.exceptions.ResponseError(message)
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP or Unix connection: a FIFO of waiting futures matched to replies in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        # (future, monotonic time the command was buffered), oldest first.
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._buffer: list[bytes] = []
+        self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport (uvloop's transports do not subclass asyncio's, hence the cast)."""
+        self._transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Hand every complete reply to the oldest waiting future."""
+        self._reader.feed(data)
+        waiting = self._waiting
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as error:
+                self._fail(ConnectionError(f"redis protocol error: {error}"))
+                return
+            if reply is False:
+                return
+            if not waiting:
+                self._fail(ConnectionError("redis sent a reply nobody asked for"))
+                return
+            future = waiting.popleft()[0]
+            if future.done():  # The caller gave up (cancelled); the reply is dropped.
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(_reply_error(str(reply)))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail every waiting caller: their commands may or may not have run."""
+        self._fail(ConnectionError(f"redis connection lost: {exc}" if exc else "redis closed the connection"))
+
+    # The pipe's side
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        """Buffer one encoded command; the returned future gets its reply."""
+        if self.closed:
+            raise ConnectionError("redis connection is closed")
+        future = self._loop.create_future()
+        self._waiting.append((future, time.monotonic()))
+        self._buffer.append(command)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self._timeout_s * _WATCH_SHARE, self._watch)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._buffer and self._transport is not None and not self.closed:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            self._transport.write(data)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if self.closed or not self._waiting:
+            return
+        waited_s = time.monotonic() - self._waiting[0][1]
+        if waited_s >= self._timeout_s:
+            self._fail(TimeoutError(f"redis did not answer within {self._timeout_s:.3g} s"))
+            return
+        self._watchdog = self._loop.call_later(self._timeout_s * _WATCH_SHARE, self._watch)
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        waiting, self._waiting = self._waiting, collections.deque()
+        self._buffer.clear()
+        for future, _ in waiting:
+            if not future.done():
+                future.set_exception(error)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        """Close the connection; waiting callers fail."""
+        self._fail(ConnectionError("redis pipe closed"))
+
+
+class RedisPipe:
+    """Pipelined commands over one connection, reconnected on demand; see the module docstring."""
+
+    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 0.25) -> None:
+        self._endpoint = endpoint
+        self._timeout_s = timeout_s
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 0.25) -> RedisPipe:
+        """A pipe to the Redis at ``url``."""
+        return cls(Endpoint.from_url(url), timeout_s=timeout_s)
+
+    async def execute(self, *args: str | bytes | int) -> Any:
+        """Run one command and return its reply (redis-py's exception classes for error replies)."""
+        return await self.send(encode_command(args))
+
+    async def send(self, command: bytes) -> Any:
+        """Run one command already encoded with :func:`encode_command`."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return await connection.send(command)
+
+    async def _connect(self) -> _Connection:
+        # One connection attempt at a time; callers arriving meanwhile wait for the same one.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        endpoint = self._endpoint
+        async with asyncio.timeout(self._timeout_s * 4):
+            if endpoint.path:
+                _, connection = await loop.create_unix_connection(
+                    lambda: _Connection(loop, self._timeout_s), endpoint.path
+                )
+            else:
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop, self._timeout_s), endpoint.host, endpoint.port
+                )
+            try:
+                if endpoint.password:
+                    auth = [endpoint.username, endpoint.password] if endpoint.username else [endpoint.password]
+                    await connection.send(encode_command(["AUTH", *auth]))
+                if endpoint.db:
+                    await connection.send(encode_command(["SELECT", endpoint.db]))
+            except BaseException:
+                connection.close()
+                raise
+        self._connection = connection
+        return connection
+
+    async def close(self) -> None:
+        """Close the connection (callers still waiting fail)."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None

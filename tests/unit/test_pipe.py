@@ -1,0 +1,237 @@
+"""The hot path's Redis pipe: RESP encoding, pipelining in order, deadlines, lost connections, NOSCRIPT.
+
+The deadline and connection tests talk to a scripted fake Redis (an asyncio TCP server of the test's own) so
+they can make Redis stall, hang up or answer NOSCRIPT on cue; ordering and error replies run against the
+suite's real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import hiredis
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.connection import Connection
+
+from helpers import new_prefix
+from spendgate.store.keys import Keys
+from spendgate.store.pipe import Endpoint, PipeUnsupportedError, RedisPipe, encode_command
+from spendgate.store.redis_store import RedisStore
+
+TIMEOUT_S = 0.2
+
+# What the fake Redis answers a command with: RESP bytes, or None to stay silent, or CLOSE to hang up.
+CLOSE = b"<close>"
+Answer = Callable[[list[str], int], bytes | None]
+
+
+class FakeRedis:
+    """A TCP server that reads RESP commands and answers each as ``answer(command, connection_number)`` says."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.commands: list[list[str]] = []
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FakeRedis:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        parser = hiredis.Reader(encoding="utf-8")
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    self.commands.append(command)
+                    answer = self.answer(command, number)
+                    if answer == CLOSE:
+                        writer.close()
+                        return
+                    if answer is not None:
+                        writer.write(answer)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def pong_after_first_connection(command: list[str], connection: int) -> bytes | None:
+    """The first connection never answers; later ones answer every command with +PONG."""
+    return None if connection == 1 else b"+PONG\r\n"
+
+
+@pytest.fixture
+async def real_pipe(redis_url: str) -> AsyncIterator[RedisPipe]:
+    pipe = RedisPipe.from_url(redis_url, timeout_s=2.0)
+    try:
+        yield pipe
+    finally:
+        await pipe.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["PING"],
+        ["SET", "k", "v", "PX", 100],
+        ["EVALSHA", "abc", 2, "key:{a}:1", "key:{a}:2", "", "ünïcode", -5, b"\x00\xffraw"],
+    ],
+)
+def test_encoding_is_what_redis_py_sends(args: list[Any]) -> None:
+    assert encode_command(args) == b"".join(Connection().pack_command(*args))
+
+
+def test_urls_parse_like_redis_py_and_tls_is_left_to_it() -> None:
+    parsed = Endpoint.from_url("redis://alice:s3cret@10.0.0.2:6380/3")
+    assert (parsed.host, parsed.port, parsed.username, parsed.password, parsed.db) == (
+        "10.0.0.2",
+        6380,
+        "alice",
+        "s3cret",
+        3,
+    )
+    assert Endpoint.from_url("unix:///run/redis.sock?db=2") == Endpoint(path="/run/redis.sock", db=2)
+    with pytest.raises(PipeUnsupportedError):
+        Endpoint.from_url("rediss://10.0.0.2:6380/0")
+
+
+@pytest.mark.redis
+async def test_concurrent_commands_are_answered_in_order(real_pipe: RedisPipe, redis_url: str) -> None:
+    key = f"{new_prefix()}:counter"
+    try:
+        replies = await asyncio.gather(*(real_pipe.execute("INCR", key) for _ in range(2000)))
+        assert replies == list(range(1, 2001))
+        assert await real_pipe.execute("GET", key) == "2000"
+    finally:
+        await real_pipe.execute("DEL", key)
+
+
+@pytest.mark.redis
+async def test_error_replies_raise_redis_py_errors_and_the_pipe_goes_on(real_pipe: RedisPipe) -> None:
+    with pytest.raises(redis.exceptions.NoScriptError):
+        await real_pipe.execute("EVALSHA", "0" * 40, 0)
+    with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+        await real_pipe.execute("NOT-A-COMMAND")
+    assert await real_pipe.execute("EVAL", "return {1, 'two', {3}}", 0) == [1, "two", [3]]
+    assert await real_pipe.execute("PING") == "PONG"
+
+
+@pytest.mark.redis
+async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(real_pipe: RedisPipe) -> None:
+    key = f"{new_prefix()}:list"
+    await real_pipe.execute("PING")  # Connected, so all three commands are buffered in the same turn.
+    try:
+        first = asyncio.ensure_future(real_pipe.execute("RPUSH", key, "a"))
+        cancelled = asyncio.ensure_future(real_pipe.execute("RPUSH", key, "b"))
+        third = asyncio.ensure_future(real_pipe.execute("RPUSH", key, "c"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        assert await first == 1
+        assert await third == 3
+        assert await real_pipe.execute("LRANGE", key, 0, -1) == ["a", "b", "c"]
+    finally:
+        await real_pipe.execute("DEL", key)
+
+
+async def test_a_redis_that_stops_answering_fails_callers_within_the_deadline_then_reconnects() -> None:
+    async with FakeRedis(pong_after_first_connection) as fake:
+        pipe = RedisPipe.from_url(fake.url, timeout_s=TIMEOUT_S)
+        try:
+            started = time.monotonic()
+            calls = [asyncio.ensure_future(pipe.execute("PING")) for _ in range(5)]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            waited_s = time.monotonic() - started
+            assert all(isinstance(outcome, TimeoutError) for outcome in outcomes), outcomes
+            assert TIMEOUT_S <= waited_s < TIMEOUT_S * 3
+            # The dead connection is dropped; the next call opens another, which answers.
+            assert await pipe.execute("PING") == "PONG"
+            assert fake.connections == 2
+        finally:
+            await pipe.close()
+
+
+async def test_a_connection_lost_mid_call_fails_its_callers_and_the_next_call_reconnects() -> None:
+    def hang_up_first(command: list[str], connection: int) -> bytes | None:
+        return CLOSE if connection == 1 else b"+PONG\r\n"
+
+    async with FakeRedis(hang_up_first) as fake:
+        pipe = RedisPipe.from_url(fake.url, timeout_s=5.0)
+        try:
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(pipe.execute("PING"), 2.0)
+            assert await pipe.execute("PING") == "PONG"
+        finally:
+            await pipe.close()
+
+
+async def test_credentials_and_database_are_sent_on_connect() -> None:
+    async with FakeRedis(lambda command, connection: b"+OK\r\n") as fake:
+        pipe = RedisPipe.from_url(f"redis://alice:s3cret@127.0.0.1:{fake.port}/4", timeout_s=2.0)
+        try:
+            assert await pipe.execute("PING") == "OK"
+        finally:
+            await pipe.close()
+    assert fake.commands == [["AUTH", "alice", "s3cret"], ["SELECT", "4"], ["PING"]]
+
+
+async def test_a_refused_connection_is_an_outage_not_a_hang() -> None:
+    async with FakeRedis(lambda command, connection: None) as fake:
+        port = fake.port
+    pipe = RedisPipe.from_url(f"redis://127.0.0.1:{port}/0", timeout_s=TIMEOUT_S)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.wait_for(pipe.execute("PING"), 2.0)
+    finally:
+        await pipe.close()
+
+
+async def test_the_store_reloads_a_script_redis_forgot_and_runs_it_once_more() -> None:
+    evalshas: list[str] = []
+
+    def forget_once(command: list[str], connection: int) -> bytes | None:
+        if command[0] == "EVALSHA":
+            evalshas.append(command[1])
+            if len(evalshas) == 1:
+                return b"-NOSCRIPT No matching script. Please use EVAL.\r\n"
+            return b"*2\r\n$2\r\nOK\r\n$1\r\n7\r\n"
+        if command[:2] == ["SCRIPT", "LOAD"]:
+            return b"$40\r\n" + b"0" * 40 + b"\r\n"
+        return b"-ERR unexpected\r\n"
+
+    async with FakeRedis(forget_once) as fake:
+        pipe = RedisPipe.from_url(fake.url, timeout_s=2.0)
+        client = aioredis.Redis.from_url(fake.url, decode_responses=True)
+        store = RedisStore(client, keys=Keys(new_prefix()), pipe=pipe)
+        try:
+            assert await store._run("expire", ["holds"], [1, 10, 1000]) == ["OK", "7"]
+        finally:
+            await store.close()
+    assert [command[:2] for command in fake.commands] == [
+        ["EVALSHA", evalshas[0]],
+        ["SCRIPT", "LOAD"],
+        ["EVALSHA", evalshas[0]],
+    ]
+    assert fake.commands[1][2].startswith("-- _lib.lua")
