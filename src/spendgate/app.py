@@ -315,6 +315,8 @@ async def create_server(
     """Build (not start) a server from settings; loads the settings' plan, if any."""
     metrics = Metrics(nodes_max=settings.metrics_nodes_max)
     store = build_store(settings, client, metrics)
+    if store.pipe_stats is not None:
+        metrics.watch_pipe(store.pipe_stats)
     clock = clock or SystemClock()
     core = SpendCore(store, clock)
     ledger = open_ledger(settings.database_url, data_dir=settings.data_dir) if settings.ledger else None

@@ -12,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from spendgate.clock import pause
 from spendgate.domain import AuthorizeResult, SpendgateError
+from spendgate.store.pipe import PipeStats
 from spendgate.store.protocol import AdminStore
 
 log = logging.getLogger("spendgate.metrics")
@@ -27,6 +30,24 @@ log = logging.getLogger("spendgate.metrics")
 # Latency buckets from 100 µs to 1 s: the hot path lives in the first few.
 _LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _WINDOW_NAMES = {1: "day", 2: "week", 3: "month", 4: "total"}
+
+
+class _PipeCollector(Collector):
+    """The Redis pipe's commands and writes: commands per write is how many decisions share a round trip."""
+
+    def __init__(self, stats: PipeStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        """The two counters, as they are now."""
+        yield CounterMetricFamily(
+            "spendgate_redis_pipe_commands", "Commands sent over the Redis pipe.", value=self._stats.commands
+        )
+        yield CounterMetricFamily(
+            "spendgate_redis_pipe_writes",
+            "Writes (round trips) that carried them; commands / writes is the batch size.",
+            value=self._stats.writes,
+        )
 
 
 class Metrics:
@@ -91,6 +112,10 @@ class Metrics:
             ["node", "window"],
             registry=self.registry,
         )
+
+    def watch_pipe(self, stats: PipeStats) -> None:
+        """Export what the Redis pipe sent, read from its counters at scrape time (nothing per call)."""
+        self.registry.register(_PipeCollector(stats))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Time one RPC (the API's guard calls this for every unary call)."""

@@ -20,6 +20,7 @@ import redis.exceptions
 from redis.asyncio.connection import Connection
 
 from helpers import new_prefix
+from spendgate.metrics import Metrics
 from spendgate.store.keys import Keys
 from spendgate.store.pipe import Endpoint, PipeUnsupportedError, RedisPipe, encode_command
 from spendgate.store.redis_store import RedisStore
@@ -235,3 +236,17 @@ async def test_the_store_reloads_a_script_redis_forgot_and_runs_it_once_more() -
         ["EVALSHA", evalshas[0]],
     ]
     assert fake.commands[1][2].startswith("-- _lib.lua")
+
+
+@pytest.mark.redis
+async def test_commands_issued_in_one_turn_share_one_write_and_metrics_count_both(real_pipe: RedisPipe) -> None:
+    metrics = Metrics()
+    metrics.watch_pipe(real_pipe.stats)
+    await real_pipe.execute("PING")  # Connected: the next commands are buffered, not waiting for a connection.
+    before = (real_pipe.stats.commands, real_pipe.stats.writes)
+
+    assert await asyncio.gather(*(real_pipe.execute("PING") for _ in range(500))) == ["PONG"] * 500
+
+    assert (real_pipe.stats.commands - before[0], real_pipe.stats.writes - before[1]) == (500, 1)
+    assert metrics.registry.get_sample_value("spendgate_redis_pipe_commands_total") == before[0] + 500
+    assert metrics.registry.get_sample_value("spendgate_redis_pipe_writes_total") == before[1] + 1

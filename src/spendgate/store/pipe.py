@@ -94,12 +94,21 @@ def _reply_error(message: str) -> redis.exceptions.RedisError:
     return redis.exceptions.ResponseError(message)
 
 
+@dataclasses.dataclass(slots=True)
+class PipeStats:
+    """What a pipe has sent: commands, and writes (round trips) that carried them. Metrics read these."""
+
+    commands: int = 0
+    writes: int = 0
+
+
 class _Connection(asyncio.Protocol):
     """One TCP or Unix connection: a FIFO of waiting futures matched to replies in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, stats: PipeStats) -> None:
         self._loop = loop
         self._timeout_s = timeout_s
+        self._stats = stats
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         # (future, monotonic time the command was buffered), oldest first.
@@ -161,6 +170,8 @@ class _Connection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._buffer and self._transport is not None and not self.closed:
+            self._stats.commands += len(self._buffer)
+            self._stats.writes += 1
             data = b"".join(self._buffer)
             self._buffer.clear()
             self._transport.write(data)
@@ -201,6 +212,7 @@ class RedisPipe:
         self._timeout_s = timeout_s
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
+        self.stats = PipeStats()
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 0.25) -> RedisPipe:
@@ -235,11 +247,11 @@ class RedisPipe:
         async with asyncio.timeout(self._timeout_s * 4):
             if endpoint.path:
                 _, connection = await loop.create_unix_connection(
-                    lambda: _Connection(loop, self._timeout_s), endpoint.path
+                    lambda: _Connection(loop, self._timeout_s, self.stats), endpoint.path
                 )
             else:
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._timeout_s), endpoint.host, endpoint.port
+                    lambda: _Connection(loop, self._timeout_s, self.stats), endpoint.host, endpoint.port
                 )
             try:
                 if endpoint.password:

@@ -46,7 +46,7 @@ from spendgate.domain import (
 )
 from spendgate.money import format_amount
 from spendgate.store.keys import Keys
-from spendgate.store.pipe import RedisPipe, encode_command
+from spendgate.store.pipe import PipeStats, RedisPipe, encode_command
 from spendgate.store.protocol import AccountInfo, Backlog, Chain, StaleChainError, TokenRecord
 from spendgate.windows import WindowIds
 
@@ -286,6 +286,11 @@ class RedisStore:
         self._chain_arguments: dict[Chain, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         # Whether the client is the embedded in-process fakeredis (set by the composition root).
         self.in_process = False
+
+    @property
+    def pipe_stats(self) -> PipeStats | None:
+        """What the pipe has sent (commands and the writes that carried them), when there is a pipe."""
+        return self._pipe.stats if self._pipe is not None else None
 
     @property
     def client(self) -> aioredis.Redis:
