@@ -16,7 +16,6 @@
 -- int_str, never left to Lua's number-to-string conversion.
 
 local WINDOWS = {'d', 'w', 'm', 't'}
-local WINDOW_CODE = {d = 1, w = 2, m = 3, t = 4}
 local HELD, CAPTURED, VOIDED, EXPIRED = 1, 2, 3, 4
 
 local function int_str(n)
@@ -101,9 +100,10 @@ end
 
 -- Release up to `count_max` holds of an account that expired at or before now_ms. Returns how many.
 local function expire_due(holds_key, now_ms, count_max, retention_ms)
-  local due = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now_ms, 'LIMIT', 0, count_max)
-  for _, hold_key in ipairs(due) do
-    if redis.call('HGET', hold_key, 'st') == tostring(HELD) then
+  local due = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now_ms, 'LIMIT', '0', count_max)
+  for i = 1, #due do
+    local hold_key = due[i]
+    if redis.call('HGET', hold_key, 'st') == '1' then -- HELD
       release_hold(hold_key, holds_key, EXPIRED, retention_ms)
     else
       -- A hold resolved some other way but still indexed (should not happen); drop the stale index entry.
@@ -156,10 +156,24 @@ local function event_append(stream_key, length_max, now_ms, kind, node_id, chain
     'node', node_id, 'chain', chain, 'amt', amount, ...)
 end
 
--- Raise one alert per utilization threshold that window w of a node crosses, once per window id: the node
--- remembers the highest threshold it alerted in field al:<w> as "<window id>|<percent>" (stored: its value
--- as read). Returns the field's new value when it changes, for the caller to write, else nil.
-local function alert_crossings(stream_key, length_max, node, w, wid, limit, before, after, now_ms, percents, stored)
+-- The utilization thresholds that raise an alert, as numbers, from their comma-separated text (e.g. 50,80,100);
+-- an entry that is not a number is left out.
+local function alert_thresholds(text)
+  local out = {}
+  local texts = split(text, ',')
+  for i = 1, #texts do
+    local percent = tonumber(texts[i])
+    if percent then out[#out + 1] = percent end
+  end
+  return out
+end
+
+-- Raise one alert per utilization threshold (percents: see alert_thresholds) that window `code` (1 day, 2 week,
+-- 3 month, 4 total) of node `node_id` crosses, once per window id: the node remembers the highest threshold
+-- it alerted in field al:<w> as "<window id>|<percent>" (stored: its value as read). Returns the field's new
+-- value when it changes, for the caller to write, else nil.
+local function alert_crossings(stream_key, length_max, node_id, code, wid, limit, before, after, now_ms, percents,
+    stored)
   if limit <= 0 then return nil end
   local alerted = 0
   if stored then
@@ -167,11 +181,11 @@ local function alert_crossings(stream_key, length_max, node, w, wid, limit, befo
     if parts[1] == wid then alerted = tonumber(parts[2]) or 0 end
   end
   local highest = alerted
-  for _, text in ipairs(split(percents, ',')) do
-    local percent = tonumber(text)
-    if percent and percent > alerted and after * 100 >= percent * limit and before * 100 < percent * limit then
-      event_append(stream_key, length_max, now_ms, EVENT_ALERT, node.id, node.id, int_str(after),
-        'win', WINDOW_CODE[w], 'pct', int_str(percent), 'lim', int_str(limit))
+  for i = 1, #percents do
+    local percent = percents[i]
+    if percent > alerted and after * 100 >= percent * limit and before * 100 < percent * limit then
+      event_append(stream_key, length_max, now_ms, EVENT_ALERT, node_id, node_id, int_str(after),
+        'win', code, 'pct', int_str(percent), 'lim', int_str(limit))
       if percent > highest then highest = percent end
     end
   end

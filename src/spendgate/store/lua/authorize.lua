@@ -46,7 +46,16 @@
 --
 -- Invariant: an approval leaves every enforced limited window of every node with spent + held <= limit,
 -- and holds that expired at or before now_ms never count against it.
+--
+-- A one-shot (capture=1) approval's hold record keeps only what a late Capture or Void of it reads: st, amt,
+-- cap, ck and wal (see capture.lua and void.lua). Nothing else reads a settled hold: the sweeper, freeze.lua
+-- and restore_counters.lua find holds through the holds zset, which a one-shot never enters.
+--
+-- Cost: Redis runs this script on its one thread for every authorization, so it keeps down the Redis calls,
+-- the size of their replies and the Lua work (each table made, each C function called, each number parsed or
+-- formatted counts): see the notes at each step. Behaviour is that of the plain reading of the steps.
 
+local ARGV, KEYS, call, tonumber, unpack, format = ARGV, KEYS, redis.call, tonumber, unpack, string.format
 local now_ms = ARGV[1]
 local amount_str = ARGV[3]
 local amount = tonumber(amount_str)
@@ -62,15 +71,34 @@ if refused then
   return refused
 end
 
--- 1. The chain the caller resolved must still be the account's tree.
-local account = redis.call('HMGET', account_key, 'topo', 'cur', 'd:id', 'w:id', 'm:id')
-if account[1] ~= ARGV[2] then
-  return {'ERR', 'STALE_CHAIN', tostring(account[1])}
+-- A node is read with one HGETALL: a listpack hash is walked once, where an HMGET searches it once per field
+-- asked (and most of the fields an authorization may need are usually absent, each a search of the whole
+-- hash). The reads are made in RESP3, where HGETALL answers a map ({map = {field = value}}), so the fields
+-- are looked up by name; a field the hash lacks is nil. A node's values v place the fields used, and places
+-- 32 to 36 hold numbers worked out in step 4. Replies are RESP2 around the reads, as the library expects.
+local setresp = redis.setresp
+local function read_node(key)
+  local m = call('HGETALL', key).map
+  -- Made with its 36 places at once: Lua grows a table made empty by rehashing it at every power of two.
+  return {m.frz, m.svc, m.ptx, m.vel, m['v:id'], m['v:n'],
+    m['l:d'], m['d:id'], m['d:s'], m['d:h'], m['al:d'],
+    m['l:w'], m['w:id'], m['w:s'], m['w:h'], m['al:w'],
+    m['l:m'], m['m:id'], m['m:s'], m['m:h'], m['al:m'],
+    m['l:t'], m['t:id'], m['t:s'], m['t:h'], m['al:t'],
+    m.shd, m.brk, m.hc, m.topo, m.cur, nil, nil, nil, nil, nil}
+end
+
+-- 1. The chain the caller resolved must still be the account's tree. The account's read serves step 4 too.
+setresp(3)
+local account = read_node(account_key)
+setresp(2)
+if account[30] ~= ARGV[2] then
+  return {'ERR', 'STALE_CHAIN', tostring(account[30] or false)}
 end
 
 -- 2. Idempotency: the same key answers the same request once; a different request is refused. The record
 -- is one string, "<fingerprint>\n<answer fields joined by tabs>".
-local record = redis.call('GET', KEYS[3])
+local record = call('GET', KEYS[3])
 if record then
   local newline = string.find(record, '\n', 1, true)
   if string.sub(record, 1, newline - 1) ~= ARGV[7] then
@@ -81,44 +109,71 @@ if record then
   return replay
 end
 
-if account[2] ~= ARGV[4] then
-  return {'ERR', 'CURRENCY_MISMATCH', tostring(account[2])}
+if account[31] ~= ARGV[4] then
+  return {'ERR', 'CURRENCY_MISMATCH', tostring(account[31] or false)}
 end
 
--- 3. Expired holds give their money back before anything is counted.
-expire_due(KEYS[1], now_ms, tonumber(ARGV[18]), ARGV[10])
+-- 3. Expired holds give their money back before anything is counted. Every hold's chain ends at the account,
+-- so the account is read again when any was released.
+if expire_due(KEYS[1], now_ms, tonumber(ARGV[18]), ARGV[10]) > 0 then
+  setresp(3)
+  account = read_node(account_key)
+  setresp(2)
+end
 
-local wins = later_windows({d = account[3], w = account[4], m = account[5]},
-  {d = ARGV[12], w = ARGV[13], m = ARGV[14]})
+-- The window ids in force (see later_windows): the account's when it already moved to a later window.
+local day, week, month = ARGV[12], ARGV[13], ARGV[14]
+if account[8] and account[8] > day then day = account[8] end
+if account[13] and account[13] > week then week = account[13] end
+if account[18] and account[18] > month then month = account[18] end
+local WID = {day, week, month, 'all'}
 local minute = ARGV[15]
 local service = ARGV[5]
 
--- 4. Read every node once: one HMGET each. The approval below writes each node once, from these values.
-local FIELDS = {'frz', 'svc', 'ptx', 'vel', 'v:id', 'v:n',
-  'l:d', 'd:id', 'd:s', 'd:h', 'al:d', 'l:w', 'w:id', 'w:s', 'w:h', 'al:w',
-  'l:m', 'm:id', 'm:s', 'm:h', 'al:m', 'l:t', 't:id', 't:s', 't:h', 'al:t', 'shd', 'brk', 'hc'}
-local nodes = {}
+-- 4. Read every node once; the approval below writes each node once, from these values. Window j (1 day,
+-- 2 week, 3 month, 4 total) of a node's values v, with base = 5 * j + 1: v[base + 1] its limit (made a number
+-- here; nil when none), v[base + 2] its stored id, v[base + 3] and v[base + 4] its spent and held (strings;
+-- numbers for a limited window in force), v[base + 5] its alert mark, and, for a limited window, v[31 + j]
+-- what counts against the limit (nothing when the stored id is not the one in force). v[36]: the
+-- transactions counted in the current minute. Counters are parsed only where needed: an unlimited window's
+-- only in step 6, and only the one written.
+local ids = {unpack(ARGV, ID0 + 1, ID0 + chain_length)}
+local vals = {nil, nil, nil, nil}
+setresp(3)
+for i = 1, chain_length - 1 do
+  vals[i] = read_node(KEYS[FIXED + i])
+end
+setresp(2)
+vals[chain_length] = account
 for i = 1, chain_length do
-  local v = redis.call('HMGET', KEYS[FIXED + i], unpack(FIELDS))
-  local node = {key = KEYS[FIXED + i], id = ARGV[ID0 + i], frozen = v[1] and v[1] ~= '', services = v[2],
-    ptx = v[3], vel = v[4], windows = {}, shadow = v[27] == '1', breaker = v[28], holds = num(v[29]),
-    velocity_id = v[5]}
-  node.velocity_used = (v[5] and v[5] >= minute) and num(v[6]) or 0
-  for j, w in ipairs(WINDOWS) do
-    local base = 6 + (j - 1) * 5
-    local limit, wid = v[base + 1], v[base + 2]
-    local window = {limit = limit and tonumber(limit) or nil, stored_id = wid, spent = 0, held = 0,
-      alerted = v[base + 5]}
-    if wid == wins[w] then
-      window.spent, window.held = num(v[base + 3]), num(v[base + 4])
-    end
-    window.used = window.spent + window.held
-    node.windows[w] = window
+  local v = vals[i]
+  local velocity_used = 0
+  if v[5] and v[5] >= minute and v[6] then
+    velocity_used = tonumber(v[6]) or 0
   end
-  nodes[i] = node
+  v[36] = velocity_used
+  for j = 1, 4 do
+    local base = 5 * j + 1
+    local limit = v[base + 1]
+    if limit then
+      limit = tonumber(limit)
+      v[base + 1] = limit
+      if limit then
+        local used = 0
+        if v[base + 2] == WID[j] then
+          local spent, held = v[base + 3], v[base + 4]
+          spent = spent == '0' and 0 or spent and tonumber(spent) or 0
+          held = held == '0' and 0 or held and tonumber(held) or 0
+          v[base + 3], v[base + 4] = spent, held
+          used = spent + held
+        end
+        v[31 + j] = used
+      end
+    end
+  end
 end
 
-if not capture and nodes[1].holds >= tonumber(ARGV[22]) then
+if not capture and (vals[1][29] and tonumber(vals[1][29]) or 0) >= tonumber(ARGV[22]) then
   return {'ERR', 'HOLDS_EXHAUSTED', ARGV[22]}
 end
 
@@ -126,52 +181,52 @@ end
 local reason, denied_node, denied_window, denied_limit, denied_used = 0, '', 0, 0, 0
 local would_reason, would_node, would_window = 0, '', 0
 -- Returns true when the objection denies; a shadow-mode node's objection is only recorded.
-local function deny(code, node, window, limit, used)
-  if node.shadow and code ~= 1 then
+local function deny(code, i, window, limit, used)
+  if vals[i][27] == '1' and code ~= 1 then
     if would_reason == 0 then
-      would_reason, would_node, would_window = code, node.id, window
+      would_reason, would_node, would_window = code, ids[i], window
     end
     return false
   end
-  reason, denied_node, denied_window, denied_limit, denied_used = code, node.id, window, limit, used
+  reason, denied_node, denied_window, denied_limit, denied_used = code, ids[i], window, limit, used
   return true
 end
 
-for _, node in ipairs(nodes) do
-  if node.frozen and deny(1, node, 0, 0, 0) then break end
+for i = 1, chain_length do
+  local frozen = vals[i][1]
+  if frozen and frozen ~= '' and deny(1, i, 0, 0, 0) then break end
 end
 if reason == 0 then
-  for _, node in ipairs(nodes) do
-    if node.services and node.services ~= '' then
+  for i = 1, chain_length do
+    local services = vals[i][2]
+    if services and services ~= '' then
       local allowed = false
-      for _, s in ipairs(split(node.services, '\n')) do
-        if s == service then allowed = true break end
+      local list = split(services, '\n')
+      for s = 1, #list do
+        if list[s] == service then allowed = true break end
       end
-      if not allowed and deny(2, node, 0, 0, 0) then break end
+      if not allowed and deny(2, i, 0, 0, 0) then break end
     end
   end
 end
 if reason == 0 then
-  for _, node in ipairs(nodes) do
-    if node.ptx and amount > tonumber(node.ptx) and deny(3, node, 0, tonumber(node.ptx), 0) then break end
+  for i = 1, chain_length do
+    local ptx = vals[i][3]
+    if ptx and amount > tonumber(ptx) and deny(3, i, 0, tonumber(ptx), 0) then break end
   end
 end
 if reason == 0 then
-  for _, node in ipairs(nodes) do
-    if node.vel and node.velocity_used + 1 > tonumber(node.vel)
-        and deny(4, node, 5, tonumber(node.vel), node.velocity_used) then
-      break
-    end
+  for i = 1, chain_length do
+    local vel = vals[i][4]
+    if vel and vals[i][36] + 1 > tonumber(vel) and deny(4, i, 5, tonumber(vel), vals[i][36]) then break end
   end
 end
 if reason == 0 then
-  for _, node in ipairs(nodes) do
-    for _, w in ipairs(WINDOWS) do
-      local window = node.windows[w]
-      if window.limit and window.used + amount > window.limit
-          and deny(5, node, WINDOW_CODE[w], window.limit, window.used) then
-        break
-      end
+  for i = 1, chain_length do
+    local v = vals[i]
+    for j = 1, 4 do
+      local limit = v[5 * j + 2]
+      if limit and v[31 + j] + amount > limit and deny(5, i, j, limit, v[31 + j]) then break end
     end
     if reason ~= 0 then break end
   end
@@ -180,109 +235,162 @@ end
 -- 6. Apply an approval: hold (or settle) on every window of every node, count the transaction per minute,
 -- raise alerts; each node is written with one HSET of the values read in step 4.
 local authorization_id, hold_expires_at, hold_state, captured = '', 0, 0, 0
+local chain_ids = table.concat(ids, ',')
 if reason == 0 then
   authorization_id = ARGV[11]
-  local kind = capture and 's' or 'h'
-  local keys, ids = {}, {}
-  for i, node in ipairs(nodes) do
-    local updates = {}
-    for _, w in ipairs(WINDOWS) do
-      local window = node.windows[w]
-      if window.stored_id == wins[w] then
-        local before = capture and window.spent or window.held
+  -- The counter an approval adds to: spent when it settles at once, else held.
+  local COUNTER = capture and {'d:s', 'w:s', 'm:s', 't:s'} or {'d:h', 'w:h', 'm:h', 't:h'}
+  local counter_at = capture and 3 or 4
+  local percents
+  -- One table serves every node's HSET (its first n places).
+  local updates = {nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
+  for i = 1, chain_length do
+    local v = vals[i]
+    local key = KEYS[FIXED + i]
+    local n = 0
+    for j = 1, 4 do
+      local base = 5 * j + 1
+      local stored, wid = v[base + 2], WID[j]
+      if stored == wid then
+        local before = v[base + counter_at]
+        if not v[base + 1] then
+          -- Not parsed in step 4 (an unlimited window).
+          before = before == '0' and 0 or before and tonumber(before) or 0
+        end
         if before + amount < EXACT_MAX then
-          updates[#updates + 1] = w .. ':' .. kind
-          updates[#updates + 1] = int_str(before + amount)
+          updates[n + 1] = COUNTER[j]
+          updates[n + 2] = format('%d', before + amount) -- int_str, without a Lua call per counter
+          n = n + 2
         else
           -- Past 2^53 Lua's numbers are not exact; Redis's integers are.
-          redis.call('HINCRBY', node.key, w .. ':' .. kind, amount_str)
+          call('HINCRBY', key, COUNTER[j], amount_str)
         end
-      elseif (not window.stored_id) or window.stored_id < wins[w] then
-        updates[#updates + 1] = w .. ':id'
-        updates[#updates + 1] = wins[w]
-        updates[#updates + 1] = w .. ':s'
-        updates[#updates + 1] = capture and amount_str or '0'
-        updates[#updates + 1] = w .. ':h'
-        updates[#updates + 1] = capture and '0' or amount_str
+      elseif (not stored) or stored < wid then
+        local w = WINDOWS[j]
+        updates[n + 1] = w .. ':id'
+        updates[n + 2] = wid
+        updates[n + 3] = w .. ':s'
+        updates[n + 4] = capture and amount_str or '0'
+        updates[n + 5] = w .. ':h'
+        updates[n + 6] = capture and '0' or amount_str
+        n = n + 6
       end
-      if window.limit then
-        local alerted = alert_crossings(KEYS[5], ARGV[20], node, w, wins[w], window.limit, window.used,
-          window.used + amount, now_ms, ARGV[19], window.alerted)
-        if alerted then
-          updates[#updates + 1] = 'al:' .. w
-          updates[#updates + 1] = alerted
+      local limit = v[base + 1]
+      if limit then
+        local before, after = v[31 + j], v[31 + j] + amount
+        -- Alerts (see alert_crossings). The thresholds are parsed once, and only a window that crosses one
+        -- can raise an alert, so alert_crossings is called (and the node's alert mark read) only then.
+        if limit > 0 then
+          if not percents then
+            percents = alert_thresholds(ARGV[19])
+          end
+          for p = 1, #percents do
+            local percent = percents[p]
+            if after * 100 >= percent * limit and before * 100 < percent * limit then
+              local mark = alert_crossings(KEYS[5], ARGV[20], ids[i], j, wid, limit, before, after, now_ms, percents,
+                v[base + 5])
+              if mark then
+                updates[n + 1] = 'al:' .. WINDOWS[j]
+                updates[n + 2] = mark
+                n = n + 2
+              end
+              break
+            end
+          end
         end
+        v[31 + j] = after
       end
-      window.used = window.used + amount
     end
-    if node.vel then
-      if node.velocity_id and node.velocity_id >= minute then
-        updates[#updates + 1] = 'v:n'
-        updates[#updates + 1] = int_str(node.velocity_used + 1)
+    if v[4] then
+      if v[5] and v[5] >= minute then
+        updates[n + 1] = 'v:n'
+        updates[n + 2] = int_str(v[36] + 1)
+        n = n + 2
       else
-        updates[#updates + 1] = 'v:id'
-        updates[#updates + 1] = minute
-        updates[#updates + 1] = 'v:n'
-        updates[#updates + 1] = '1'
+        updates[n + 1] = 'v:id'
+        updates[n + 2] = minute
+        updates[n + 3] = 'v:n'
+        updates[n + 4] = '1'
+        n = n + 4
       end
     end
     if i == 1 and not capture then
-      updates[#updates + 1] = 'hc'
-      updates[#updates + 1] = int_str(node.holds + 1)
+      updates[n + 1] = 'hc'
+      updates[n + 2] = int_str((v[29] and tonumber(v[29]) or 0) + 1)
+      n = n + 2
     end
-    if #updates > 0 then
-      redis.call('HSET', node.key, unpack(updates))
+    if n > 0 then
+      call('HSET', key, unpack(updates, 1, n))
     end
-    if node.breaker then
-      breaker_step(KEYS[5], ARGV[20], node, tonumber(minute), amount_str, now_ms)
+    if v[28] then
+      breaker_step(KEYS[5], ARGV[20], {key = key, id = ids[i], breaker = v[28]}, tonumber(minute), amount_str,
+        now_ms)
     end
-    keys[i], ids[i] = node.key, node.id
   end
   local hold_key = KEYS[4]
-  local expires_at = tonumber(now_ms) + tonumber(ARGV[8])
-  local chain_ids = table.concat(ids, ',')
-  local window_ids = wins.d .. ',' .. wins.w .. ',' .. wins.m
   if capture then
+    -- Settled at once: nothing is held; the record answers a late Capture or Void. States and event kinds
+    -- are handed to Redis as text ('2' is CAPTURED): Redis would format a Lua number with snprintf.
     hold_state, captured = CAPTURED, amount
-    redis.call('HSET', hold_key, 'st', CAPTURED, 'amt', amount_str, 'exp', int_str(expires_at), 'at', now_ms,
-      'keys', table.concat(keys, ','), 'ids', chain_ids, 'win', window_ids, 'svc', service, 'md', ARGV[16],
-      'cur', ARGV[4], 'ik', ARGV[17], 'wal', ids[1], 'cap', amount_str, 'ck', ARGV[17])
-    redis.call('PEXPIRE', hold_key, ARGV[10])
-    outbox_add(KEYS[2], {txn = authorization_id, chain = chain_ids, wallet = ids[1], captured = amount_str,
-      authorized = amount_str, currency = ARGV[4], service = service, metadata = ARGV[16], authorized_at = now_ms,
-      captured_at = now_ms, windows = window_ids, key = ARGV[17], capture_key = ARGV[17]})
+    call('HSET', hold_key, 'st', '2', 'amt', amount_str, 'cap', amount_str, 'ck', ARGV[17], 'wal', ids[1])
+    call('PEXPIRE', hold_key, ARGV[10])
+    -- The ledger entry, as outbox_add writes it.
+    call('XADD', KEYS[2], '*',
+      'txn_id', authorization_id,
+      'account_id', ids[chain_length],
+      'wallet_id', ids[1],
+      'chain', chain_ids,
+      'amount_micros', amount_str,
+      'authorized_micros', amount_str,
+      'currency', ARGV[4],
+      'service', service,
+      'metadata', ARGV[16],
+      'authorized_at_ms', now_ms,
+      'captured_at_ms', now_ms,
+      'day', day,
+      'week', week,
+      'month', month,
+      'idempotency_key', ARGV[17],
+      'capture_idempotency_key', ARGV[17])
   else
+    local expires_at = tonumber(now_ms) + tonumber(ARGV[8])
     hold_state, hold_expires_at = HELD, expires_at
-    redis.call('HSET', hold_key, 'st', HELD, 'amt', amount_str, 'exp', int_str(expires_at), 'at', now_ms,
-      'keys', table.concat(keys, ','), 'ids', chain_ids, 'win', window_ids, 'svc', service, 'md', ARGV[16],
-      'cur', ARGV[4], 'ik', ARGV[17], 'wal', ids[1])
-    redis.call('ZADD', KEYS[1], int_str(expires_at), hold_key)
+    call('HSET', hold_key, 'st', '1', 'amt', amount_str, 'exp', int_str(expires_at), 'at', now_ms, -- '1': HELD
+      'keys', table.concat(KEYS, ',', FIXED + 1, FIXED + chain_length), 'ids', chain_ids,
+      'win', day .. ',' .. week .. ',' .. month, 'svc', service, 'md', ARGV[16], 'cur', ARGV[4], 'ik', ARGV[17],
+      'wal', ids[1])
+    call('ZADD', KEYS[1], int_str(expires_at), hold_key)
   end
 end
 
 -- 7. The tightest window on the chain after this decision.
 local tight_node, tight_window, tight_limit, tight_remaining = '', 0, 0, -1
-for _, node in ipairs(nodes) do
-  for _, w in ipairs(WINDOWS) do
-    local window = node.windows[w]
-    if window.limit then
-      local remaining = math.max(0, window.limit - window.used)
+for i = 1, chain_length do
+  local v = vals[i]
+  for j = 1, 4 do
+    local limit = v[5 * j + 2]
+    if limit then
+      local remaining = limit - v[31 + j]
+      if remaining < 0 then remaining = 0 end
       if tight_remaining < 0 or remaining < tight_remaining then
-        tight_node, tight_window, tight_limit, tight_remaining = node.id, WINDOW_CODE[w], window.limit, remaining
+        tight_node, tight_window, tight_limit, tight_remaining = ids[i], j, limit, remaining
       end
     end
   end
 end
 if tight_remaining < 0 then tight_remaining = 0 end
 
-local result = {'OK', int_str(reason == 0 and 1 or 2), authorization_id, int_str(reason), denied_node,
-  int_str(denied_window), tight_node, int_str(tight_window), int_str(tight_limit), int_str(tight_remaining),
-  int_str(hold_expires_at), int_str(hold_state), int_str(captured), int_str(denied_limit), int_str(denied_used),
-  int_str(would_reason), would_node, int_str(would_window)}
-local chain_ids = {}
-for i, node in ipairs(nodes) do chain_ids[i] = node.id end
-event_append(KEYS[5], ARGV[20], now_ms, EVENT_DECISION, nodes[1].id, table.concat(chain_ids, ','), amount_str,
+-- The answer. Codes (at most 5) are written from a table, amounts with int_str (0 needs no formatting).
+local CODE = {'1', '2', '3', '4', '5'}
+local result = {'OK', reason == 0 and '1' or '2', authorization_id, CODE[reason] or '0', denied_node,
+  CODE[denied_window] or '0', tight_node, CODE[tight_window] or '0',
+  tight_limit == 0 and '0' or int_str(tight_limit), tight_remaining == 0 and '0' or int_str(tight_remaining),
+  hold_expires_at == 0 and '0' or int_str(hold_expires_at), CODE[hold_state] or '0',
+  captured == 0 and '0' or int_str(captured), denied_limit == 0 and '0' or int_str(denied_limit),
+  denied_used == 0 and '0' or int_str(denied_used), CODE[would_reason] or '0', would_node,
+  CODE[would_window] or '0', '0'}
+event_append(KEYS[5], ARGV[20], now_ms, '1', ids[1], chain_ids, amount_str, -- '1': EVENT_DECISION
   'dec', result[2], 'rsn', result[4], 'auth', authorization_id, 'win', result[6], 'by', denied_node)
-redis.call('SET', KEYS[3], ARGV[7] .. '\n' .. table.concat(result, '\t'), 'PX', ARGV[9])
-result[#result + 1] = '0'
+-- The record keeps the answer without its last field (replayed), which a replay sets to '1'.
+call('SET', KEYS[3], ARGV[7] .. '\n' .. table.concat(result, '\t', 1, 18), 'PX', ARGV[9])
 return result
