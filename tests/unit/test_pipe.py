@@ -250,3 +250,41 @@ async def test_commands_issued_in_one_turn_share_one_write_and_metrics_count_bot
     assert (real_pipe.stats.commands - before[0], real_pipe.stats.writes - before[1]) == (500, 1)
     assert metrics.registry.get_sample_value("spendgate_redis_pipe_commands_total") == before[0] + 500
     assert metrics.registry.get_sample_value("spendgate_redis_pipe_writes_total") == before[1] + 1
+
+
+async def test_commands_wait_for_the_batch_that_is_out_then_leave_together() -> None:
+    """Nagle-like batching: one write out at a time; what queues meanwhile leaves as one write when it returns."""
+    received: list[int] = []
+    release = asyncio.Event()
+    first_arrived = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader(encoding="utf-8")
+        while data := await reader.read(65536):
+            parser.feed(data)
+            commands = 0
+            while parser.gets() is not False:
+                commands += 1
+            received.append(commands)
+            first_arrived.set()
+            if len(received) == 1:
+                await release.wait()  # Hold the first reply back while more commands queue up.
+            writer.write(b"+PONG\r\n" * commands)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pipe = RedisPipe.from_url(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", timeout_s=5.0)
+    try:
+        first = asyncio.ensure_future(pipe.execute("PING"))
+        await asyncio.wait_for(first_arrived.wait(), 5.0)
+        queued = [asyncio.ensure_future(pipe.execute("PING")) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        assert received == [1]  # Nothing else left while the first write was unanswered.
+        release.set()
+        assert await asyncio.gather(first, *queued) == ["PONG"] * 11
+        assert received == [1, 10]
+        assert (pipe.stats.commands, pipe.stats.writes) == (11, 2)
+    finally:
+        await pipe.close()
+        server.close()

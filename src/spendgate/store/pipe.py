@@ -2,9 +2,13 @@
 
 redis-py pays for a pool checkout, a command object, a timeout context and a reply parser per call, several
 times what a decision costs in Lua. Here a call encodes its command (RESP2) into a write buffer and gets a
-future; one ``call_soon`` callback writes everything buffered in that turn with a single ``write``, so
-concurrent decisions share one round trip (under load, dozens per write). Replies come back in order and
-are parsed by hiredis in C, each handed to the next waiting future.
+future, and replies come back in order, parsed by hiredis in C, each handed to the next waiting future.
+
+Batching adapts to the load, as Nagle's algorithm does: with nothing out, what a turn of the event loop buffers
+is written at the end of that turn (a lone call waits for nothing); while a write is out, new commands wait
+in the buffer and leave together, in one write, when its last reply is in (or at once when a batch is full).
+So under load, concurrent decisions share round trips; every batch's replies arrive together too, and the
+callers they wake answer together.
 
 A deadline covers the whole connection rather than each call: a watchdog looks at the oldest unanswered
 command, and once it has waited ``timeout_s`` the connection is declared dead, every waiting caller gets
@@ -31,6 +35,8 @@ import hiredis
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection, parse_url
 
+# Commands one write carries at most while an earlier write is still unanswered (a full batch goes out anyway).
+BATCH_SIZE_MAX = 256
 # How often, as a share of the deadline, the watchdog looks at the oldest unanswered command.
 _WATCH_SHARE = 0.25
 
@@ -115,6 +121,9 @@ class _Connection(asyncio.Protocol):
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
+        # Commands written whose replies have not all come back: while there are some, new commands wait in
+        # the buffer (up to a full batch) and leave together when the replies are in.
+        self._unanswered = 0
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -135,10 +144,11 @@ class _Connection(asyncio.Protocol):
                 self._fail(ConnectionError(f"redis protocol error: {error}"))
                 return
             if reply is False:
-                return
+                break
             if not waiting:
                 self._fail(ConnectionError("redis sent a reply nobody asked for"))
                 return
+            self._unanswered -= 1
             future = waiting.popleft()[0]
             if future.done():  # The caller gave up (cancelled); the reply is dropped.
                 continue
@@ -146,6 +156,9 @@ class _Connection(asyncio.Protocol):
                 future.set_exception(_reply_error(str(reply)))
             else:
                 future.set_result(reply)
+        if self._unanswered == 0 and self._buffer and not self._flush_scheduled:
+            # What queued up while the last batch was out leaves now, as one write.
+            self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail every waiting caller: their commands may or may not have run."""
@@ -160,7 +173,9 @@ class _Connection(asyncio.Protocol):
         future = self._loop.create_future()
         self._waiting.append((future, time.monotonic()))
         self._buffer.append(command)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and (self._unanswered == 0 or len(self._buffer) >= BATCH_SIZE_MAX):
+            # Nothing out (or a full batch): write at the end of this turn, with whatever else the turn adds.
+            # Otherwise the replies of the batch that is out will flush this one (see data_received).
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         if self._watchdog is None:
@@ -172,6 +187,7 @@ class _Connection(asyncio.Protocol):
         if self._buffer and self._transport is not None and not self.closed:
             self._stats.commands += len(self._buffer)
             self._stats.writes += 1
+            self._unanswered += len(self._buffer)
             data = b"".join(self._buffer)
             self._buffer.clear()
             self._transport.write(data)
