@@ -56,6 +56,7 @@ def test_cli_has_the_bench_command() -> None:
     assert result.exit_code == 0, result.output
     assert "--concurrency" in result.output
     assert "--embedded" in result.output
+    assert "--client [h2|grpc]" in result.output
 
 
 @pytest.mark.slow
@@ -69,6 +70,7 @@ def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib
     completed = subprocess.run(command, capture_output=True, text=True, timeout=110, cwd=REPOSITORY, check=False)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     figures = json.loads(output.read_text())
+    assert figures["options"]["client"] == "h2", "the benchmark's own HTTP/2 client is the default"
 
     redis_phases = {"redis"} if find_redis_server() else set()
     ran = {"empty-unary", "unary", "unary-half", "stream", "exhaust"} | redis_phases

@@ -7,6 +7,7 @@ import sys
 import click
 from rich.console import Console
 
+from spendgate.bench.loadgen import CLIENTS
 from spendgate.bench.report import print_report, write_json
 from spendgate.bench.runner import ALL_PHASES, DEFAULT_PHASES, BenchOptions, run_bench
 from spendgate.money import MoneyError, parse_amount
@@ -109,6 +110,14 @@ def _phases(text: str) -> tuple[str, ...]:
 )
 @click.option("--processes", type=int, default=2, show_default=True, help="Load generator processes.")
 @click.option(
+    "--client",
+    type=click.Choice(CLIENTS),
+    default="h2",
+    show_default=True,
+    help="The generator's gRPC client for the unary and stream phases: the benchmark's own HTTP/2 client "
+    "(cheap per call) or grpcio (costs about as much CPU per call as the server).",
+)
+@click.option(
     "--streams", type=int, default=4, show_default=True, help="AuthorizeStream streams per generator process."
 )
 @click.option("--amount", default="0.000001", show_default=True, help="Amount per authorization, in currency units.")
@@ -177,6 +186,7 @@ def bench_command(
     duration_s: float | None,
     warmup_s: float | None,
     processes: int,
+    client: str,
     streams: int,
     amount: str,
     exhaust_amount: str,
@@ -217,6 +227,7 @@ def bench_command(
             duration_s=duration_s if duration_s is not None else QUICK_DURATION_S if quick else 5.0,
             warmup_s=warmup_s if warmup_s is not None else QUICK_WARMUP_S if quick else 1.0,
             processes=processes,
+            client=client,
             streams=streams,
             amount_micros=_micros(amount, "--amount"),
             exhaust_amount_micros=_micros(exhaust_amount, "--exhaust-amount"),

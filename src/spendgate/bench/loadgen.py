@@ -1,12 +1,16 @@
 """The load generator: a few processes, each running many asyncio clients, driven phase by phase.
 
-A Python gRPC client costs about as much CPU per call as the server, so one process cannot load a server
-to its limit: the parent starts ``processes`` generator processes (``spawn``, so no gRPC state is forked),
-sends each the same :class:`LoadJob` with its share of the concurrency or rate, and adds up the
+The parent starts ``processes`` generator processes (``spawn``, so no gRPC state is forked), sends each the
+same :class:`LoadJob` with its share of the concurrency or rate, and adds up the
 :class:`~spendgate.bench.stats.WorkerResult` each sends back. Requests are pre-encoded bytes
-(:mod:`spendgate.bench.wire`) and responses are parsed by the C protobuf runtime, so the generator's CPU
-goes to gRPC itself. Every process measures the same wall-clock window and reports its own CPU time over it
-(``getrusage``), so the report can show whether the generator kept up.
+(:mod:`spendgate.bench.wire`) and responses are parsed by the C protobuf runtime. Every process measures the
+same wall-clock window and reports its own CPU time over it (``getrusage``), so the report can show whether
+the generator kept up.
+
+The unary and stream phases speak gRPC through :mod:`spendgate.bench.h2client` (``client="h2"``, the
+default): a grpcio Python client costs about as much CPU per call as the server, which on a small machine
+makes the generator the bottleneck and distorts the ratios; the hand-written HTTP/2 client costs a fraction
+of that. ``client="grpc"`` drives them with grpcio, as a cross-check.
 
 A job runs closed-loop (``rate_per_s == 0``: ``concurrency`` callers, each sending its next call when the
 last one is answered) or open-loop (calls start on a fixed schedule, at most ``concurrency`` in flight;
@@ -26,13 +30,14 @@ import resource
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from spendgate._gen.spendgate.v1 import spend_pb2
+from spendgate.bench import h2client
 from spendgate.bench.stats import LATE_START_US, Recorder, WorkerResult, record_us
 from spendgate.bench.wire import (
     AUTHORIZE_METHOD,
@@ -65,13 +70,26 @@ _UNKNOWN_OUTCOME = frozenset(
         grpc.StatusCode.INTERNAL,
     }
 )
-_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _DENY_LABELS = {
     value: "denied: " + name.removeprefix("DENY_REASON_").lower() for name, value in spend_pb2.DenyReason.items()
 }
 APPROVED = "approved"
 # The end-of-stream marker of grpc.aio reads (missing from the grpc stubs).
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+# The gRPC clients a job can drive the server with: the benchmark's own HTTP/2 client, or grpcio.
+CLIENTS = ("h2", "grpc")
+# How long a caller waits after UNAVAILABLE: a server that is down should not turn the generator into a spin.
+UNAVAILABLE_PAUSE_S = 0.01
+# In a closed loop a process's HTTP/2 connections read at most once per READ_PAUSE_S, together, while at
+# least READ_PAUSE_AWAITED_MIN answers are awaited on a connection (h2client.ReadPacer): the process wakes
+# once for the answers of a millisecond rather than once for each (on two cores a wake-up costs more than
+# the call's own work, and the generator's CPU is the server's loss). A closed loop's latency is its calls in
+# flight over its throughput (Little's law), whoever holds the answers; an open loop, whose latency at a
+# given rate is the figure, never pauses. The bound keeps enough calls at the server that it never waits
+# for the generator.
+READ_PAUSE_S = 0.001
+READ_PAUSE_AWAITED_MIN = 4
 
 
 def decision_label(decision: int, deny_reason: int) -> str:
@@ -115,6 +133,8 @@ class LoadJob:
     batch_size: int = 1
     # How many processes share the phase: each starts at its own place in the wallet list.
     processes: int = 1
+    # The gRPC client of the unary and stream phases (one of CLIENTS).
+    client: str = "h2"
 
     @property
     def first_wallet(self) -> int:
@@ -171,6 +191,119 @@ def _channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
+def _status(code: int) -> grpc.StatusCode:
+    return _STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN)
+
+
+class _Calls(Protocol):
+    """Unary calls with pre-encoded requests, spread round-robin over a few connections."""
+
+    async def call(self, method: str, request: bytes) -> tuple[grpc.StatusCode, bytes]:
+        """Make one call: its status and, when it is OK, the encoded response."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connections."""
+        ...
+
+
+class _GrpcCalls:
+    """Unary calls over grpcio channels (``client="grpc"``)."""
+
+    def __init__(self, job: LoadJob, connections: int) -> None:
+        self._channels = [_channel(job.target) for _ in range(connections)]
+        self._methods: dict[str, list[Any]] = {}
+        self._turn = itertools.count()
+        self._timeout_s = job.timeout_s
+        self._metadata = _metadata(job.token)
+
+    def _add(self, method: str) -> list[Any]:
+        callables = [
+            channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            for channel in self._channels
+        ]
+        self._methods[method] = callables
+        return callables
+
+    async def call(self, method: str, request: bytes) -> tuple[grpc.StatusCode, bytes]:
+        """Make one call (grpcio raises on failure; the error becomes the status)."""
+        callables = self._methods.get(method) or self._add(method)
+        try:
+            response = await callables[next(self._turn) % len(callables)](
+                request, timeout=self._timeout_s, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code(), b""
+        return grpc.StatusCode.OK, response
+
+    async def close(self) -> None:
+        """Close the channels."""
+        for channel in self._channels:
+            await channel.close(None)
+
+
+class _H2Calls:
+    """Unary calls over connections of :mod:`spendgate.bench.h2client` (``client="h2"``).
+
+    Each connection is dialled on first use and dialled again when it was lost or the server sent GOAWAY.
+    """
+
+    def __init__(self, job: LoadJob, connections: int, pacer: h2client.ReadPacer | None) -> None:
+        self._host, self._port = h2client.parse_target(job.target)
+        self._token = job.token
+        self._timeout_s = job.timeout_s
+        self._pacer = pacer
+        self._clients: list[h2client.H2Client | None] = [None] * connections
+        self._dialling = [asyncio.Lock() for _ in range(connections)]
+        self._turn = itertools.count()
+
+    async def _dial(self, index: int) -> h2client.H2Client | None:
+        async with self._dialling[index]:
+            client = self._clients[index]
+            if client is not None and client.usable:
+                return client  # Another caller dialled it meanwhile.
+            try:
+                client = await h2client.connect(
+                    self._host,
+                    self._port,
+                    token=self._token,
+                    timeout_s=self._timeout_s,
+                    pacer=self._pacer,
+                )
+            except (OSError, TimeoutError, h2client.H2Error):
+                return None
+            self._clients[index] = client
+            return client
+
+    async def call(self, method: str, request: bytes) -> tuple[grpc.StatusCode, bytes]:
+        """Make one call on the next connection."""
+        index = next(self._turn) % len(self._clients)
+        client = self._clients[index]
+        if client is None or not client.usable:
+            client = await self._dial(index)
+            if client is None:
+                return grpc.StatusCode.UNAVAILABLE, b""
+        code, _, response = await client.unary(method, request)
+        if response is None:
+            return _status(code), b""
+        return grpc.StatusCode.OK, response
+
+    async def close(self) -> None:
+        """Close the connections."""
+        for client in self._clients:
+            if client is not None:
+                await client.aclose()
+
+
+def _pacer(job: LoadJob) -> h2client.ReadPacer | None:
+    """The read pacer of a job's HTTP/2 connections: closed loops only."""
+    return h2client.ReadPacer(READ_PAUSE_S, READ_PAUSE_AWAITED_MIN) if job.rate_per_s <= 0 else None
+
+
+def _calls(job: LoadJob, connections: int, pacer: h2client.ReadPacer | None) -> _Calls:
+    return _H2Calls(job, connections, pacer) if job.client == "h2" else _GrpcCalls(job, connections)
+
+
 async def _paced(
     window: _Window, recorder: Recorder, concurrency: int, rate_per_s: float, call: Callable[[float], Awaitable[None]]
 ) -> None:
@@ -213,7 +346,7 @@ async def _paced(
 class _Spender:
     """Builds authorization requests and counts their answers (shared by the unary and stream drivers)."""
 
-    def __init__(self, job: LoadJob, window: _Window, recorder: Recorder, channel: grpc.aio.Channel) -> None:
+    def __init__(self, job: LoadJob, window: _Window, recorder: Recorder, calls: _Calls) -> None:
         self.job = job
         self.window = window
         self.recorder = recorder
@@ -224,9 +357,7 @@ class _Spender:
         self._key_prefix = job.key_prefix.encode()
         # Each process starts at its own place in the wallet list, so processes spread over the fleet.
         self._counter = itertools.count(job.first_wallet)
-        self._capture = channel.unary_unary(
-            CAPTURE_METHOD, request_serializer=None, response_deserializer=spend_pb2.CaptureResponse.FromString
-        )
+        self._calls = calls
         self.captures: set[asyncio.Task[None]] = set()
 
     def next_request(self) -> tuple[bytes, bytes]:
@@ -270,12 +401,11 @@ class _Spender:
             authorization_id, self.job.amount_micros, f"{self.job.key_prefix}{sequence.decode()}c"
         )
         started = time.perf_counter()
-        try:
-            await self._capture(request, timeout=self.job.timeout_s, metadata=self.metadata)
-        except grpc.aio.AioRpcError as error:
+        code, _ = await self._calls.call(CAPTURE_METHOD, request)
+        if code is not grpc.StatusCode.OK:
             # A failed capture leaves the hold in place: the money stays counted (held), so it is not an
             # unknown outcome for the money check.
-            self.recorder.errors[f"capture {error.code().name}"] += 1
+            self.recorder.errors[f"capture {code.name}"] += 1
             return
         done = time.perf_counter()
         if self.window.measuring(done):
@@ -291,26 +421,18 @@ class _Spender:
 async def run_unary(job: LoadJob, recorder: Recorder) -> None:
     """Unary Authorize (and Capture) calls."""
     window = _Window(job)
-    channels = [_channel(job.target) for _ in range(max(1, math.ceil(job.concurrency / CALLS_PER_CONNECTION_MAX)))]
-    methods = [
-        channel.unary_unary(
-            AUTHORIZE_METHOD, request_serializer=None, response_deserializer=spend_pb2.AuthorizeResponse.FromString
-        )
-        for channel in channels
-    ]
-    spender = _Spender(job, window, recorder, channels[0])
-    turn = itertools.count()
+    calls = _calls(job, max(1, math.ceil(job.concurrency / CALLS_PER_CONNECTION_MAX)), _pacer(job))
+    spender = _Spender(job, window, recorder, calls)
 
     async def call(started: float) -> None:
         sequence, request = spender.next_request()
-        method = methods[next(turn) % len(methods)]
-        try:
-            response = await method(request, timeout=job.timeout_s, metadata=spender.metadata)
-        except grpc.aio.AioRpcError as error:
-            spender.failed(error.code())
-            if error.code() is grpc.StatusCode.UNAVAILABLE:
-                await asyncio.sleep(0.01)  # A server that is down should not turn the generator into a spin.
+        code, encoded = await calls.call(AUTHORIZE_METHOD, request)
+        if code is not grpc.StatusCode.OK:
+            spender.failed(code)
+            if code is grpc.StatusCode.UNAVAILABLE:
+                await asyncio.sleep(UNAVAILABLE_PAUSE_S)
             return
+        response = spend_pb2.AuthorizeResponse.FromString(encoded)
         # An agent captures before its next call (in a closed loop the capture is part of the flow).
         if spender.answered(response, started, sequence, capture_later=False):
             await spender.capture(response.authorization_id, sequence)
@@ -320,91 +442,163 @@ async def run_unary(job: LoadJob, recorder: Recorder) -> None:
         await _paced(window, recorder, job.concurrency, job.rate_per_s, call)
         await spender.drain()
     finally:
-        for channel in channels:
-            await channel.close(None)
+        await calls.close()
+
+
+class _StreamFeed:
+    """One AuthorizeStream's requests and the counting of its answers, whichever client carries it.
+
+    At most ``in_flight_max`` requests are unanswered at once; with a rate they start on a schedule.
+    """
+
+    def __init__(self, spender: _Spender, in_flight_max: int, rate_per_s: float) -> None:
+        self.spender = spender
+        self.pending: dict[str, tuple[float, bytes]] = {}
+        # Requests that may still be sent before an answer: a counter and the writer's wake-up (one writer,
+        # so this is a semaphore at a fraction of asyncio.Semaphore's cost per message).
+        self.free = in_flight_max
+        self._room: asyncio.Future[None] | None = None
+        self.interval_s = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
+
+    async def _slot(self) -> None:
+        while self.free <= 0:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        self.free -= 1
+
+    async def write(self, send: Callable[[bytes], Awaitable[None] | None]) -> None:
+        """Send requests with ``send`` until the window ends (awaiting what it returns, if anything)."""
+        window, recorder = self.spender.window, self.spender.recorder
+        interval_s = self.interval_s
+        intended = window.begin
+        while True:
+            if interval_s:
+                if intended >= window.end:
+                    return
+                delay_s = intended - time.perf_counter()
+                if delay_s > 0:
+                    await asyncio.sleep(delay_s)
+            await self._slot()
+            now = time.perf_counter()
+            if interval_s:
+                started = intended
+                intended += interval_s
+                if window.measuring(started) and (now - started) * 1e6 > LATE_START_US:
+                    recorder.late_starts += 1
+            elif now >= window.end:
+                return
+            else:
+                started = now
+            sequence, request = self.spender.next_request()
+            self.pending[sequence.decode()] = (started, sequence)
+            sent = send(stream_request(sequence, request))
+            if sent is not None:
+                await sent
+
+    def answered(self, answer: spend_pb2.AuthorizeStreamResponse) -> None:
+        """Count one answer."""
+        self.free += 1
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+        entry = self.pending.pop(answer.request_id, None)
+        if entry is None:
+            self.spender.recorder.errors["stream: unknown request_id"] += 1
+        elif answer.error_code:
+            self.spender.failed(_status(answer.error_code))
+        else:
+            self.spender.answered(answer.response, *entry)
+
+    def received(self, message: bytes) -> None:
+        """Count one encoded answer (the HTTP/2 client's message callback)."""
+        self.answered(spend_pb2.AuthorizeStreamResponse.FromString(message))
+
+    def broke(self, code: str) -> None:
+        """The stream failed: every request still on it has an unknown outcome."""
+        self.spender.recorder.errors[f"stream {code}"] += 1
+        self.spender.recorder.unknown_outcomes += len(self.pending)
+
+
+async def _grpc_stream(feed: _StreamFeed, channel: grpc.aio.Channel) -> None:
+    method = channel.stream_stream(
+        STREAM_METHOD, request_serializer=None, response_deserializer=spend_pb2.AuthorizeStreamResponse.FromString
+    )
+    # Without a request iterator a grpc.aio stream call is written to and read from directly; the grpc stubs
+    # know only the iterator form.
+    stream: Any = method(metadata=feed.spender.metadata)  # type: ignore[call-arg]
+    await feed.spender.window.wait_for_start()
+
+    async def write() -> None:
+        try:
+            await feed.write(stream.write)
+        finally:
+            await stream.done_writing()
+
+    async def read() -> None:
+        while (answer := await stream.read()) is not _EOF:
+            feed.answered(answer)
+
+    outcomes = await asyncio.gather(write(), read(), return_exceptions=True)
+    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    if failures:
+        stream.cancel()
+        failure = failures[0]
+        feed.broke(failure.code().name if isinstance(failure, grpc.aio.AioRpcError) else type(failure).__name__)
+
+
+async def _h2_stream(feed: _StreamFeed, job: LoadJob, pacer: h2client.ReadPacer | None) -> None:
+    host, port = h2client.parse_target(job.target)
+    try:
+        client = await h2client.connect(host, port, token=job.token, pacer=pacer)
+    except (OSError, TimeoutError, h2client.H2Error):
+        feed.broke(grpc.StatusCode.UNAVAILABLE.name)
+        return
+    try:
+        await feed.spender.window.wait_for_start()
+        stream = await client.open_stream(STREAM_METHOD, feed.received)
+
+        async def write() -> None:
+            try:
+                await feed.write(stream.write)
+            finally:
+                stream.end()
+
+        writer = asyncio.create_task(write())
+        code, _, _ = await stream.finished
+        if not writer.done():
+            # The server ended the stream while requests were still to go: they never will.
+            writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        if code:
+            feed.broke(_status(code).name)
+    finally:
+        await client.aclose()
 
 
 async def run_stream(job: LoadJob, recorder: Recorder) -> None:
-    """Authorizations over AuthorizeStream: ``streams`` streams, the concurrency split over them."""
+    """Authorizations over AuthorizeStream: ``streams`` streams, the concurrency split over them.
+
+    Each stream has a connection of its own; captures (authorize+capture) go over one more.
+    """
     window = _Window(job)
     streams = max(1, job.streams)
-    channels = [_channel(job.target) for _ in range(streams)]
-    spender = _Spender(job, window, recorder, channels[0])
-
-    async def drive(channel: grpc.aio.Channel, in_flight_max: int, rate_per_s: float) -> None:
-        method = channel.stream_stream(
-            STREAM_METHOD,
-            request_serializer=None,
-            response_deserializer=spend_pb2.AuthorizeStreamResponse.FromString,
-        )
-        # Without a request iterator a grpc.aio stream call is written to and read from directly; the grpc
-        # stubs know only the iterator form.
-        stream: Any = method(metadata=spender.metadata)  # type: ignore[call-arg]
-        pending: dict[str, tuple[float, bytes]] = {}
-        slots = asyncio.Semaphore(in_flight_max)
-
-        async def write() -> None:
-            intended = window.begin
-            interval_s = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
-            try:
-                while True:
-                    if interval_s:
-                        if intended >= window.end:
-                            break
-                        delay_s = intended - time.perf_counter()
-                        if delay_s > 0:
-                            await asyncio.sleep(delay_s)
-                    await slots.acquire()
-                    now = time.perf_counter()
-                    if interval_s:
-                        started = intended
-                        intended += interval_s
-                        if window.measuring(started) and (now - started) * 1e6 > LATE_START_US:
-                            recorder.late_starts += 1
-                    elif now >= window.end:
-                        break
-                    else:
-                        started = now
-                    sequence, request = spender.next_request()
-                    pending[sequence.decode()] = (started, sequence)
-                    await stream.write(stream_request(sequence, request))
-            finally:
-                await stream.done_writing()
-
-        async def read() -> None:
-            while True:
-                answer: Any = await stream.read()
-                if answer is _EOF:
-                    return
-                slots.release()
-                entry = pending.pop(answer.request_id, None)
-                if entry is None:
-                    recorder.errors["stream: unknown request_id"] += 1
-                elif answer.error_code:
-                    code = _STATUS_NAMES.get(answer.error_code, "UNKNOWN")
-                    spender.failed(grpc.StatusCode[code])
-                else:
-                    spender.answered(answer.response, *entry)
-
-        await window.wait_for_start()
-        outcomes = await asyncio.gather(write(), read(), return_exceptions=True)
-        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-        if failures:
-            # The stream failed: every request still on it has an unknown outcome.
-            stream.cancel()
-            failure = failures[0]
-            code = failure.code().name if isinstance(failure, grpc.aio.AioRpcError) else type(failure).__name__
-            recorder.errors[f"stream {code}"] += 1
-            recorder.unknown_outcomes += len(pending)
-
+    pacer = _pacer(job)
+    calls = _calls(job, 1, pacer)
+    spender = _Spender(job, window, recorder, calls)
     share = max(1, math.ceil(job.concurrency / streams))
+    feeds = [_StreamFeed(spender, share, job.rate_per_s / streams) for _ in range(streams)]
+    channels = [_channel(job.target) for _ in feeds] if job.client == "grpc" else []
     try:
         _measure_cpu(window, recorder, job.duration_s)
-        await asyncio.gather(*(drive(channel, share, job.rate_per_s / streams) for channel in channels))
+        if channels:
+            await asyncio.gather(*(_grpc_stream(feed, channel) for feed, channel in zip(feeds, channels, strict=True)))
+        else:
+            await asyncio.gather(*(_h2_stream(feed, job, pacer) for feed in feeds))
         await spender.drain()
     finally:
         for channel in channels:
             await channel.close(None)
+        await calls.close()
 
 
 class _Recorded(Exception):

@@ -23,6 +23,9 @@ _CEILING_OF = {
 }
 
 
+# How the report names the generator's gRPC client.
+_CLIENT_NAMES = {"h2": "own HTTP/2 client", "grpc": "grpcio client"}
+
 # Below this many nodes Redis's own overhead drowns the memory per node; the figure is not printed.
 SMALL_FLEET_NODES_MAX = 1000
 
@@ -146,7 +149,8 @@ def print_report(report: BenchReport, console: Console) -> None:
         f"[bold]spendgate bench[/]: {system.get('mode')} server"
         + (f" {system['target']}" if "target" in system else "")
         + f", fleet {fleet.get('source')} ({fleet.get('accounts')} accounts, {fleet.get('pools')} pools, "
-        f"{fleet.get('wallets'):,} wallets), {options.processes} generator processes, "
+        f"{fleet.get('wallets'):,} wallets), {options.processes} generator processes "
+        f"({_CLIENT_NAMES[options.client]}), "
         f"{options.duration_s:g} s per phase after {options.warmup_s:g} s warm-up, "
         f"{system.get('machine', {}).get('cpus')} CPUs",
         highlight=False,

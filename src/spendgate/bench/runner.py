@@ -41,7 +41,7 @@ from rich.console import Console
 
 from spendgate.bench.check import CheckResult, check_budgets, wallets_lifetime_micros
 from spendgate.bench.fleet import Fleet, find_example_fleet, generate_fleet, load_fleet
-from spendgate.bench.loadgen import GeneratorPool, LoadJob
+from spendgate.bench.loadgen import CLIENTS, GeneratorPool, LoadJob
 from spendgate.bench.profile import summarise
 from spendgate.bench.servers import (
     RedisServer,
@@ -126,11 +126,15 @@ class BenchOptions:
     # The ledger phase: a PostgreSQL URL it may create (and drop) a database through, and its writer loops.
     database_url: str = ""
     ledger_writers: int = 1
+    # The gRPC client of the unary and stream phases: the benchmark's own HTTP/2 client, or grpcio.
+    client: str = "h2"
 
     def __post_init__(self) -> None:
         unknown = [phase for phase in self.phases if phase not in ALL_PHASES]
         if unknown:
             raise ValueError(f"unknown phase(s) {', '.join(unknown)}; the phases are {', '.join(ALL_PHASES)}")
+        if self.client not in CLIENTS:
+            raise ValueError(f"unknown client {self.client!r}; the clients are {', '.join(CLIENTS)}")
         if self.target and self.embedded:
             raise ValueError("--target drives a running server and --embedded starts one: pick one")
         for name in ("concurrency", "processes", "streams", "amount_micros", "batch_size", "ledger_writers"):
@@ -526,6 +530,7 @@ class Bench:
             token=token,
             streams=self.options.streams,
             redis_url=self.redis.url if self.redis is not None else "",
+            client=self.options.client,
         )
 
     async def _empty_phases(self, phases: list[str]) -> None:

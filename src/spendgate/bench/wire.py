@@ -19,8 +19,14 @@ CAPTURE_METHOD = "/spendgate.v1.SpendService/Capture"
 STREAM_METHOD = "/spendgate.v1.SpendService/AuthorizeStream"
 
 
+# The one-byte varints, which are most of them (lengths of ids and keys).
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 def varint(value: int) -> bytes:
     """The protobuf base-128 varint encoding of a non-negative integer."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         low = value & 0x7F
