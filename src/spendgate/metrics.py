@@ -171,6 +171,8 @@ async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[s
         metrics.holds.labels(account_id).set(counts.holds)
         metrics.outbox_entries.labels(account_id).set(counts.outbox_entries)
         metrics.outbox_age.labels(account_id).set(counts.outbox_oldest_age_ms / 1000)
+        if scanned >= metrics.nodes_scan_max:
+            continue  # The scan's budget is spent: reading this account's whole plan would be wasted work.
         plan = await store.read_plan(account_id)
         for node in plan.nodes if plan else ():
             if scanned >= metrics.nodes_scan_max:

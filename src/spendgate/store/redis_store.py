@@ -341,8 +341,15 @@ class RedisStore:
     # Lookups.
 
     async def account_of(self, node_id: str) -> str:
-        """Return the account a node belongs to."""
-        account = await self._call(self._client.get(self.keys.node_index(node_id)))
+        """Return the account a node belongs to (over the pipe where there is one: a wallet's first call asks)."""
+        key = self.keys.node_index(node_id)
+        if self._pipe is not None:
+            try:
+                account = await self._pipe.execute("GET", key)
+            except REDIS_OUTAGES as error:
+                self._outage(error)
+        else:
+            account = await self._call(self._client.get(key))
         if account is None:
             raise NotFoundError(f"no node {node_id!r}: check the id, or apply a plan that defines it")
         return str(account)
