@@ -150,6 +150,9 @@ class _Window:
         self.begin = now + max(0.0, job.start_at - time.time())
         self.measure_from = self.begin + job.warmup_s
         self.end = self.measure_from + job.duration_s
+        # Open loops: where in its interval this process's schedule starts. Each process runs the same rate,
+        # so without this their calls would arrive in simultaneous bursts instead of evenly spaced.
+        self.stagger = job.process_index / max(1, job.processes)
 
     def measuring(self, moment: float) -> bool:
         """Whether a call that completed at ``moment`` counts."""
@@ -327,7 +330,7 @@ async def _paced(
         finally:
             slots.release()
 
-    intended = window.begin
+    intended = window.begin + interval_s * window.stagger
     while intended < window.end:
         delay_s = intended - time.perf_counter()
         if delay_s > 0:
@@ -470,7 +473,7 @@ class _StreamFeed:
         """Send requests with ``send`` until the window ends (awaiting what it returns, if anything)."""
         window, recorder = self.spender.window, self.spender.recorder
         interval_s = self.interval_s
-        intended = window.begin
+        intended = window.begin + interval_s * window.stagger
         while True:
             if interval_s:
                 if intended >= window.end:
