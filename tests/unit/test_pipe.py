@@ -41,6 +41,7 @@ class FakeRedis:
         self.connections = 0
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> FakeRedis:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -50,6 +51,7 @@ class FakeRedis:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        await close_writers(self._writers)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 2)
 
@@ -59,6 +61,7 @@ class FakeRedis:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.append(writer)
         number = self.connections
         parser = hiredis.Reader(encoding="utf-8")
         try:
@@ -77,6 +80,14 @@ class FakeRedis:
             pass
         finally:
             writer.close()
+
+
+async def close_writers(writers: list[asyncio.StreamWriter]) -> None:
+    """Close the server side of every connection (Python 3.11's wait_closed does not wait for them)."""
+    for writer in writers:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 2)
 
 
 def pong_after_first_connection(command: list[str], connection: int) -> bytes | None:
@@ -257,8 +268,10 @@ async def test_commands_wait_for_the_batch_that_is_out_then_leave_together() -> 
     received: list[int] = []
     release = asyncio.Event()
     first_arrived = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         parser = hiredis.Reader(encoding="utf-8")
         while data := await reader.read(65536):
             parser.feed(data)
@@ -288,3 +301,4 @@ async def test_commands_wait_for_the_batch_that_is_out_then_leave_together() -> 
     finally:
         await pipe.close()
         server.close()
+        await close_writers(writers)
