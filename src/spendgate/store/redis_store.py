@@ -8,6 +8,7 @@ the same scripts. Every call is bounded by ``timeout_s``; a Redis that is down o
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import json
 import time
@@ -99,6 +100,12 @@ def load_script_source(name: str) -> str:
     return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
+@functools.lru_cache(maxsize=4096)
+def _approval_message(amount_micros: int, currency: str, settled: bool) -> str:
+    # Agents repeat the same few amounts: the approval's sentence is formatted once per amount.
+    return f"approved: {format_amount(amount_micros, currency)} {'settled' if settled else 'held'}"
+
+
 def explain(
     decision: Decision,
     deny_reason: DenyReason,
@@ -112,8 +119,7 @@ def explain(
 ) -> str:
     """Say in a sentence why a decision went the way it did."""
     if decision is Decision.APPROVED:
-        verb = "settled" if hold_state is HoldState.CAPTURED else "held"
-        return f"approved: {format_amount(amount_micros, currency)} {verb}"
+        return _approval_message(amount_micros, currency, hold_state is HoldState.CAPTURED)
     node = denied_by.node_id if denied_by else "?"
     match deny_reason:
         case DenyReason.FROZEN:
