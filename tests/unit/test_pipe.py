@@ -20,6 +20,7 @@ import redis.exceptions
 from redis.asyncio.connection import Connection
 
 from helpers import new_prefix
+from spendgate.domain import UnavailableError
 from spendgate.metrics import Metrics
 from spendgate.store.keys import Keys
 from spendgate.store.pipe import Endpoint, PipeUnsupportedError, RedisPipe, encode_command
@@ -195,6 +196,20 @@ async def test_a_connection_lost_mid_call_fails_its_callers_and_the_next_call_re
             with pytest.raises(ConnectionError):
                 await asyncio.wait_for(pipe.execute("PING"), 2.0)
             assert await pipe.execute("PING") == "PONG"
+        finally:
+            await pipe.close()
+
+
+async def test_a_loading_redis_is_an_outage_for_the_store() -> None:
+    async with FakeRedis(lambda command, connection: b"-LOADING Redis is loading the dataset in memory\r\n") as fake:
+        pipe = RedisPipe.from_url(fake.url, timeout_s=2.0)
+        try:
+            with pytest.raises(redis.exceptions.BusyLoadingError):
+                await pipe.execute("PING")
+            store = RedisStore(aioredis.Redis.from_url(fake.url), keys=Keys(new_prefix()), pipe=pipe)
+            with pytest.raises(UnavailableError, match="BusyLoadingError"):
+                await store.expire_holds("acme", 0)
+            await store.close()
         finally:
             await pipe.close()
 

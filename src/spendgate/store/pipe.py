@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
-import redis.exceptions
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import SSLConnection, parse_url
 
 # Commands one write carries at most while an earlier write is still unanswered (a full batch goes out anyway).
@@ -81,25 +81,6 @@ def encode_command(args: Sequence[str | bytes | int]) -> bytes:
     return b"".join(parts)
 
 
-# Error replies that mean "Redis cannot serve now" get redis-py's classes for them, which callers treat as an
-# outage; any other error reply is a ResponseError (NOSCRIPT its own subclass, which the store handles).
-_REPLY_ERRORS: tuple[tuple[str, type[redis.exceptions.RedisError]], ...] = (
-    ("NOSCRIPT", redis.exceptions.NoScriptError),
-    ("LOADING", redis.exceptions.BusyLoadingError),
-    ("READONLY", redis.exceptions.ReadOnlyError),
-    ("TRYAGAIN", redis.exceptions.TryAgainError),
-    ("CLUSTERDOWN", redis.exceptions.ClusterDownError),
-    ("MASTERDOWN", redis.exceptions.ConnectionError),
-)
-
-
-def _reply_error(message: str) -> redis.exceptions.RedisError:
-    for word, error_class in _REPLY_ERRORS:
-        if message.startswith(word):
-            return error_class(message)
-    return redis.exceptions.ResponseError(message)
-
-
 @dataclasses.dataclass(slots=True)
 class PipeStats:
     """What a pipe has sent: commands, and writes (round trips) that carried them. Metrics read these."""
@@ -116,7 +97,9 @@ class _Connection(asyncio.Protocol):
         self._timeout_s = timeout_s
         self._stats = stats
         self._transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        # Error replies become redis-py's exception classes by redis-py's own table, as its hiredis parser does
+        # (NOSCRIPT: NoScriptError; LOADING, READONLY: errors the store treats as an outage).
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace", replyError=BaseParser.parse_error)
         # (future, monotonic time the command was buffered), oldest first.
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._buffer: list[bytes] = []
@@ -152,8 +135,8 @@ class _Connection(asyncio.Protocol):
             future = waiting.popleft()[0]
             if future.done():  # The caller gave up (cancelled); the reply is dropped.
                 continue
-            if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(_reply_error(str(reply)))
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
             else:
                 future.set_result(reply)
         if self._unanswered == 0 and self._buffer and not self._flush_scheduled:
