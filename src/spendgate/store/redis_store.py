@@ -333,6 +333,15 @@ class RedisStore:
             reply = await self._call(self._scripts[script](keys=list(keys), args=list(args)))
         return list(reply) if isinstance(reply, list) else [reply]
 
+    async def _command(self, *args: str | int) -> Any:
+        """One plain command on the hot path's transport (a wallet's first call looks up its account)."""
+        if self._pipe is None:
+            return await self._call(self._client.execute_command(*args))  # type: ignore[no-untyped-call]
+        try:
+            return await self._pipe.execute(*args)
+        except REDIS_OUTAGES as error:
+            self._outage(error)
+
     @staticmethod
     async def _piped(pipe: RedisPipe, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         command = encode_command(["EVALSHA", script.sha, len(keys), *keys, *args])
@@ -347,24 +356,15 @@ class RedisStore:
     # Lookups.
 
     async def account_of(self, node_id: str) -> str:
-        """Return the account a node belongs to (over the pipe where there is one: a wallet's first call asks)."""
-        key = self.keys.node_index(node_id)
-        if self._pipe is not None:
-            try:
-                account = await self._pipe.execute("GET", key)
-            except REDIS_OUTAGES as error:
-                self._outage(error)
-        else:
-            account = await self._call(self._client.get(key))
+        """Return the account a node belongs to."""
+        account = await self._command("GET", self.keys.node_index(node_id))
         if account is None:
             raise NotFoundError(f"no node {node_id!r}: check the id, or apply a plan that defines it")
         return str(account)
 
     async def account_info(self, account_id: str) -> AccountInfo:
         """Return an account's currency and time zone."""
-        currency, time_zone = await self._call(
-            self._client.hmget(self.keys.node(account_id, account_id), ["cur", "tz"])
-        )
+        currency, time_zone = await self._command("HMGET", self.keys.node(account_id, account_id), "cur", "tz")
         if currency is None:
             raise NotFoundError(f"no account {account_id!r}")
         return AccountInfo(account_id=account_id, currency=str(currency), time_zone=str(time_zone))
