@@ -170,26 +170,32 @@ end
 
 -- Raise one alert per utilization threshold (percents: see alert_thresholds) that window `code` (1 day, 2 week,
 -- 3 month, 4 total) of node `node_id` crosses, once per window id: the node remembers the highest threshold
--- it alerted in field al:<w> as "<window id>|<percent>" (stored: its value as read). Returns the field's new
--- value when it changes, for the caller to write, else nil.
+-- it alerted in field al:<w> as "<window id>|<percent>" (stored: its value as read, parsed only when a
+-- threshold is crossed, which few calls do). Returns the field's new value when it changes, for the caller to
+-- write, else nil.
 local function alert_crossings(stream_key, length_max, node_id, code, wid, limit, before, after, now_ms, percents,
     stored)
   if limit <= 0 then return nil end
-  local alerted = 0
-  if stored then
-    local parts = split(stored, '|')
-    if parts[1] == wid then alerted = tonumber(parts[2]) or 0 end
-  end
-  local highest = alerted
+  local alerted, highest
   for i = 1, #percents do
     local percent = percents[i]
-    if percent > alerted and after * 100 >= percent * limit and before * 100 < percent * limit then
-      event_append(stream_key, length_max, now_ms, EVENT_ALERT, node_id, node_id, int_str(after),
-        'win', code, 'pct', int_str(percent), 'lim', int_str(limit))
-      if percent > highest then highest = percent end
+    if after * 100 >= percent * limit and before * 100 < percent * limit then
+      if not alerted then
+        alerted = 0
+        if stored then
+          local parts = split(stored, '|')
+          if parts[1] == wid then alerted = tonumber(parts[2]) or 0 end
+        end
+        highest = alerted
+      end
+      if percent > alerted then
+        event_append(stream_key, length_max, now_ms, EVENT_ALERT, node_id, node_id, int_str(after),
+          'win', code, 'pct', int_str(percent), 'lim', int_str(limit))
+        if percent > highest then highest = percent end
+      end
     end
   end
-  if highest > alerted then
+  if alerted and highest > alerted then
     return wid .. '|' .. int_str(highest)
   end
   return nil

@@ -121,11 +121,10 @@ if expire_due(KEYS[1], now_ms, tonumber(ARGV[18]), ARGV[10]) > 0 then
   setresp(2)
 end
 
--- The window ids in force (see later_windows): the account's when it already moved to a later window.
-local day, week, month = ARGV[12], ARGV[13], ARGV[14]
-if account[8] and account[8] > day then day = account[8] end
-if account[13] and account[13] > week then week = account[13] end
-if account[18] and account[18] > month then month = account[18] end
+-- The window ids in force: the account's when it already moved to a later window.
+local wins = later_windows({d = account[8], w = account[13], m = account[18]},
+  {d = ARGV[12], w = ARGV[13], m = ARGV[14]})
+local day, week, month = wins.d, wins.w, wins.m
 local WID = {day, week, month, 'all'}
 local minute = ARGV[15]
 local service = ARGV[5]
@@ -278,25 +277,16 @@ if reason == 0 then
       local limit = v[base + 1]
       if limit then
         local before, after = v[31 + j], v[31 + j] + amount
-        -- Alerts (see alert_crossings). The thresholds are parsed once, and only a window that crosses one
-        -- can raise an alert, so alert_crossings is called (and the node's alert mark read) only then.
-        if limit > 0 then
-          if not percents then
-            percents = alert_thresholds(ARGV[19])
-          end
-          for p = 1, #percents do
-            local percent = percents[p]
-            if after * 100 >= percent * limit and before * 100 < percent * limit then
-              local mark = alert_crossings(KEYS[5], ARGV[20], ids[i], j, wid, limit, before, after, now_ms, percents,
-                v[base + 5])
-              if mark then
-                updates[n + 1] = 'al:' .. WINDOWS[j]
-                updates[n + 2] = mark
-                n = n + 2
-              end
-              break
-            end
-          end
+        -- Alerts (see alert_crossings); the thresholds are parsed once per call.
+        if not percents then
+          percents = alert_thresholds(ARGV[19])
+        end
+        local mark = alert_crossings(KEYS[5], ARGV[20], ids[i], j, wid, limit, before, after, now_ms, percents,
+          v[base + 5])
+        if mark then
+          updates[n + 1] = 'al:' .. WINDOWS[j]
+          updates[n + 2] = mark
+          n = n + 2
         end
         v[31 + j] = after
       end
@@ -334,24 +324,9 @@ if reason == 0 then
     hold_state, captured = CAPTURED, amount
     call('HSET', hold_key, 'st', '2', 'amt', amount_str, 'cap', amount_str, 'ck', ARGV[17], 'wal', ids[1])
     call('PEXPIRE', hold_key, ARGV[10])
-    -- The ledger entry, as outbox_add writes it.
-    call('XADD', KEYS[2], '*',
-      'txn_id', authorization_id,
-      'account_id', ids[chain_length],
-      'wallet_id', ids[1],
-      'chain', chain_ids,
-      'amount_micros', amount_str,
-      'authorized_micros', amount_str,
-      'currency', ARGV[4],
-      'service', service,
-      'metadata', ARGV[16],
-      'authorized_at_ms', now_ms,
-      'captured_at_ms', now_ms,
-      'day', day,
-      'week', week,
-      'month', month,
-      'idempotency_key', ARGV[17],
-      'capture_idempotency_key', ARGV[17])
+    outbox_add(KEYS[2], {txn = authorization_id, chain = chain_ids, wallet = ids[1], captured = amount_str,
+      authorized = amount_str, currency = ARGV[4], service = service, metadata = ARGV[16], authorized_at = now_ms,
+      captured_at = now_ms, windows = day .. ',' .. week .. ',' .. month, key = ARGV[17], capture_key = ARGV[17]})
   else
     local expires_at = tonumber(now_ms) + tonumber(ARGV[8])
     hold_state, hold_expires_at = HELD, expires_at
