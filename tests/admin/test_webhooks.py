@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.server
 import json
 import threading
@@ -100,6 +102,12 @@ def test_alerts_and_freezes_are_posted_signed_and_retried(start_fleet: StartFlee
         assert verify(SECRET, body, signature, now_s=int(time.time()))
         assert not verify("another-secret", body, signature, now_s=int(time.time()))
         assert not verify(SECRET, body.replace(b'"acme"', b'"evil"'), signature, now_s=int(time.time()))
+
+
+def test_the_signature_is_the_documented_hmac_of_timestamp_dot_body() -> None:
+    # What a receiver computes from the README alone, without spendgate's own verify().
+    expected = hmac.new(SECRET.encode(), b"1700000000." + b'{"kind": "freeze"}', hashlib.sha256).hexdigest()
+    assert sign(SECRET, b'{"kind": "freeze"}', 1_700_000_000) == f"t=1700000000,v1={expected}"
 
 
 def test_verify_rejects_stale_and_malformed_signatures() -> None:
