@@ -15,11 +15,14 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from helpers import in_ci
 from spendgate._gen.spendgate.v1 import spend_pb2
+from spendgate.bench.check import CheckResult, violations_of
 from spendgate.bench.fleet import generate_fleet
 from spendgate.bench.servers import find_redis_server
 from spendgate.bench.wire import authorize_prefix, authorize_request, stream_request
 from spendgate.cli import cli
+from spendgate.domain import NodeBudget, NodeKind, Window, WindowBudget
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 SMOKE_PHASES = "empty-unary,unary,unary-half,stream,redis,exhaust"
@@ -72,6 +75,8 @@ def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib
     figures = json.loads(output.read_text())
     assert figures["options"]["client"] == "h2", "the benchmark's own HTTP/2 client is the default"
 
+    # The redis phase needs a redis-server binary; CI has one, so there its absence is a failure, not a skip.
+    assert find_redis_server() or not in_ci(), "redis-server is missing: the redis phase cannot run in CI"
     redis_phases = {"redis"} if find_redis_server() else set()
     ran = {"empty-unary", "unary", "unary-half", "stream", "exhaust"} | redis_phases
     assert set(figures["phases"]) == ran
@@ -94,3 +99,33 @@ def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib
     assert check["money"]["ok"] is True
     assert check["money"]["approved_micros"] == check["money"]["wallets_spent_plus_held_delta_micros"]
     assert figures["passed"] is True
+
+
+def _budget(spent: int, held: int, limit: int | None, *, velocity_used: int = 0) -> NodeBudget:
+    day = WindowBudget(Window.DAY, "2026-11-30", limit, spent, held, 0)
+    return NodeBudget(
+        node_id="w1",
+        kind=NodeKind.WALLET,
+        parent_id="p1",
+        account_id="acme",
+        currency="USD",
+        time_zone="UTC",
+        frozen_reason="",
+        per_transaction_micros=None,
+        velocity_per_minute=3,
+        velocity_used=velocity_used,
+        allowed_services=(),
+        windows=(day,),
+    )
+
+
+def test_the_end_of_run_check_fails_on_a_limit_exceeded_or_money_unaccounted_for() -> None:
+    assert violations_of(_budget(60, 40, 100)) == []
+    assert violations_of(_budget(60, 41, 100)) == ["w1 day 2026-11-30: spent 60 + held 41 > limit 100 micros"]
+    assert violations_of(_budget(10**9, 0, None)) == []
+    assert violations_of(_budget(0, 0, 100, velocity_used=4)) == ["w1 velocity: 4 > 3 this minute"]
+    assert CheckResult(approved_micros=5, spent_held_delta_micros=5).passed
+    assert CheckResult(approved_micros=5, spent_held_delta_micros=4).money_ok is False
+    assert not CheckResult(approved_micros=5, spent_held_delta_micros=4).passed
+    assert CheckResult(approved_micros=5, spent_held_delta_micros=7, unknown_micros_max=2).money_ok is True
+    assert not CheckResult(violations=["w1 day: over"]).passed

@@ -136,6 +136,7 @@ async def test_drains_every_outbox_exactly_once(sinks: SinkFactory, fleet_factor
         outbox = await read_outbox(fleet.client, fleet.keys, account)
         report = await reconcile_account(fleet.store, sink, account, now_ms=fleet.clock.now_ms(), outbox=outbox)
         assert report.drifts == ()
+        assert report.rows
         assert all(row.ledger_spent_micros == 0 for row in report.rows)
     writer = writer_for(fleet, sink, "w1", clock=SystemClock())
     lag = await writer.lag()

@@ -46,3 +46,4 @@ async def test_the_scan_stops_reading_plans_once_its_budget_is_spent_but_every_b
     assert budgets_read == ["a1-n0", "a1-n1", "a1-n2", "a2-n0"]
     for account in ("a1", "a2", "a3"):
         assert metrics.registry.get_sample_value("spendgate_holds_outstanding", {"account": account}) == 1
+        assert metrics.registry.get_sample_value("spendgate_outbox_lag_entries", {"account": account}) == 2
