@@ -9,6 +9,7 @@ The Redis helpers start and stop *our own* ``redis-server`` process, never anybo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -21,14 +22,17 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
 from spendgate.domain import AccountPlan, AuthorizeCommand
 from spendgate.plan import load_plan, parse_plan
+
+T = TypeVar("T")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLEET_YAML = ROOT / "examples" / "fleet.yaml"
@@ -312,3 +316,15 @@ def with_pool_of_wallets(account: str, pool_month: int, wallets: int, wallet_day
 def suppress_connection_errors() -> contextlib.AbstractContextManager[None]:
     """For teardown against a server a test may have killed: nothing to delete there any more."""
     return contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout_s: float = 10.0, what: str = "a condition") -> T:
+    """Poll an async check until it returns something truthy; fail after the deadline (never measures speed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last value {value!r})")
+        await asyncio.sleep(0.05)

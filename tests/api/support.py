@@ -5,14 +5,12 @@ The redis-server processes, key prefixes and snapshots come from the shared ``te
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import os
 import pathlib
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import grpc
@@ -104,18 +102,6 @@ async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     except grpc.aio.AioRpcError as error:
         return error
     pytest.fail(f"the call succeeded but should have failed: {response}")
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout_s: float = 5.0, what: str = "a condition") -> T:
-    """Poll an async check until it returns something truthy; fail after the deadline (never measures speed)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def clean_env() -> dict[str, str]:

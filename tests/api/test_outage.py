@@ -19,24 +19,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers import RedisServer, RedisServerError
+from helpers import RedisServer, RedisServerError, eventually
 from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
 from spendgate.app import SpendgateServer, running_server
 from spendgate.client import AdminClient
 from spendgate.clock import ManualClock
 from spendgate.settings import Settings
 
-from .support import (
-    CALL_TIMEOUT_S,
-    FLEET,
-    HOLD_TTL_S,
-    USD,
-    WALLET,
-    authorize_request,
-    eventually,
-    missing,
-    rpc_error,
-)
+from .support import CALL_TIMEOUT_S, FLEET, HOLD_TTL_S, USD, WALLET, authorize_request, missing, rpc_error
 
 pytestmark = pytest.mark.redis
 

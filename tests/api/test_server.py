@@ -15,7 +15,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from helpers import free_port
+from helpers import eventually, free_port
 from spendgate import AsyncClient
 from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
 from spendgate.app import create_server
@@ -32,7 +32,6 @@ from .support import (
     Gate,
     authorize_request,
     clean_env,
-    eventually,
     rpc_error,
 )
 

@@ -27,6 +27,7 @@ import psycopg.conninfo
 import pytest
 
 from helpers import FLEET_YAML
+from helpers import eventually as helpers_eventually
 from spendgate._gen.spendgate.v1 import billing_pb2, billing_pb2_grpc
 from spendgate.client import AsyncClient
 from spendgate.clock import ManualClock
@@ -70,15 +71,8 @@ POOLS = tuple(sorted({chain[1] for chain in CHAINS.values()}))
 
 
 async def eventually(check: Callable[[], Awaitable[T]], *, timeout_s: float = 30.0, what: str = "a condition") -> T:
-    """Poll an async check until it returns something truthy; fail after the deadline (never measures speed)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last value {value!r})")
-        await asyncio.sleep(0.05)
+    """:func:`helpers.eventually` with this suite's longer deadline (a ledger drains on its own schedule)."""
+    return await helpers_eventually(check, timeout_s=timeout_s, what=what)
 
 
 def wall_ms() -> int:

@@ -20,14 +20,22 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from helpers import START_MS, RedisServer, RedisServerError, delete_prefix, new_prefix, suppress_connection_errors
+from helpers import (
+    START_MS,
+    RedisServer,
+    RedisServerError,
+    delete_prefix,
+    eventually,
+    new_prefix,
+    suppress_connection_errors,
+)
 from spendgate._gen.spendgate.v1 import admin_pb2
 from spendgate.app import running_server
 from spendgate.client import Tls
 from spendgate.clock import ManualClock
 from spendgate.settings import Settings
 
-from .support import FLEET, OTHER_PLAN_YAML, TOKENS, Issued, Secured, eventually, make_pki, missing
+from .support import FLEET, OTHER_PLAN_YAML, TOKENS, Issued, Secured, make_pki, missing
 
 StartSecured = Callable[..., Awaitable[Secured]]
 

@@ -8,7 +8,6 @@ so a new RPC that a table forgets fails the test that checks the table covers ev
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import pathlib
@@ -16,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -255,18 +254,6 @@ def authorize(
 def own_connection(address: str) -> grpc.aio.Channel:
     """A channel with a connection of its own (channels to one address otherwise share one in a process)."""
     return grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout_s: float = 10.0, what: str = "a condition") -> T:
-    """Poll an async check until it returns something truthy; fail after the deadline (never measures speed)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------------------

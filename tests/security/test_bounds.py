@@ -11,14 +11,14 @@ from typing import Any
 
 import grpc
 
-from helpers import START_MS
+from helpers import START_MS, eventually
 from spendgate._gen.spendgate.v1 import admin_pb2, billing_pb2, spend_pb2
 from spendgate.api.admin import WATCHERS_MAX
 from spendgate.clock import ManualClock
 from spendgate.domain import ID_LENGTH_MAX, IDEMPOTENCY_KEY_LENGTH_MAX
 
 from .conftest import StartSecured
-from .support import BUG_CODES, RPCS, USD, Secured, authorize, call, eventually, own_connection
+from .support import BUG_CODES, RPCS, USD, Secured, authorize, call, own_connection
 
 OK = grpc.StatusCode.OK
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -19,11 +19,11 @@ from typing import Any
 import grpc
 import pytest
 
-from helpers import RedisServer
+from helpers import RedisServer, eventually
 from spendgate._gen.spendgate.v1 import admin_pb2, spend_pb2
 
 from .conftest import StartSecured
-from .support import RPCS, Secured, authorize, call, eventually, own_connection
+from .support import RPCS, Secured, authorize, call, own_connection
 
 pytestmark = pytest.mark.redis
 

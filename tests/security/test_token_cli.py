@@ -13,11 +13,11 @@ import signal
 
 import grpc
 
-from helpers import free_port
+from helpers import eventually, free_port
 from spendgate._gen.spendgate.v1 import admin_pb2, spend_pb2
 
 from .conftest import StartSecured
-from .support import FLEET, SPENDGATE, authorize, bearer, call, clean_env, eventually
+from .support import FLEET, SPENDGATE, authorize, bearer, call, clean_env
 
 SECRET = re.compile(r"^sg_[A-Za-z0-9_-]{40}$")
 TOKEN_ID = re.compile(r"token ([0-9a-f]{16}) \(agent for research-agent-01\)")
