@@ -25,6 +25,7 @@ from spendgate.domain import (
     NodeSpec,
     NotFoundError,
     check_id,
+    with_article,
 )
 from spendgate.ledger.sink import TransactionFilter, TransactionPage
 from spendgate.money import format_amount, plan_amount
@@ -124,11 +125,6 @@ def node_record(spec: NodeSpec | None) -> dict[str, Any] | None:
     record = dataclasses.asdict(spec)
     record["kind"] = spec.kind.name.lower()
     return record
-
-
-def with_article(noun: str) -> str:
-    """'a pool', 'an account'."""
-    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def describe_node(spec: NodeSpec, currency: str = "USD") -> str:

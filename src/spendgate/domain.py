@@ -382,3 +382,8 @@ class NodeBudget:
             if budget.window is window:
                 return budget
         raise KeyError(window)
+
+
+def with_article(noun: str) -> str:
+    """'a pool', 'an account'."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"

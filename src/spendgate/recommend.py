@@ -16,8 +16,9 @@ import enum
 from collections.abc import Iterable
 
 from spendgate.domain import InvalidArgumentError
+from spendgate.money import MICROS_PER_UNIT
 
-CENT_MICROS = 10_000
+CENT_MICROS = MICROS_PER_UNIT // 100
 PER_TRANSACTION_FACTOR = 2
 MONTH_TWO_MARGIN = decimal.Decimal("1.2")
 

@@ -13,7 +13,7 @@ import grpc
 import yaml
 
 from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2
-from spendgate.admin import AdminCore, PlanChange, describe_node, plan_to_document, subtree, with_article
+from spendgate.admin import AdminCore, PlanChange, describe_node, plan_to_document, subtree
 from spendgate.api.auth import Authenticator, Principal, issue_token
 from spendgate.api.codec import encode_budget
 from spendgate.api.errors import grpc_errors, status_of
@@ -28,9 +28,10 @@ from spendgate.domain import (
     SpendgateError,
     check_id,
     check_service,
+    with_article,
 )
 from spendgate.money import MONEY_MICROS_MAX
-from spendgate.plan import VELOCITY_MAX, PlanError, parse_plan
+from spendgate.plan import VELOCITY_MAX, parse_plan_text
 from spendgate.recommend import Stage
 from spendgate.store.protocol import TokenRecord
 from spendgate.store.redis_store import RedisStore
@@ -65,16 +66,6 @@ def decode_limits(limits: admin_pb2.NodeLimits) -> Limits:
             raise InvalidArgumentError("limits.allowed_services may not hold an empty name")
         check_service(service)
     return Limits(allowed_services=tuple(limits.allowed_services), **values)
-
-
-def parse_plan_text(text: str) -> Any:
-    """Parse and validate a plan's YAML (with the C loader where PyYAML has one)."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        document = yaml.load(text, Loader=loader)  # noqa: S506 -- a safe loader, chosen above
-    except yaml.YAMLError as error:
-        raise PlanError(f"the plan is not valid YAML: {error}") from error
-    return parse_plan(document)
 
 
 def encode_change(change: PlanChange, currency: str) -> admin_pb2.PlanChange:

@@ -181,26 +181,3 @@ class BillingServicer(AuditListingBase, billing_pb2_grpc.BillingServiceServicer)
             ledger_transactions=ledger_transactions,
             ledger_unavailable=ledger_unavailable,
         )
-
-
-def transaction_json(txn: LedgerTransaction) -> str:
-    """One transaction as a JSON line (for exports)."""
-    return json.dumps(
-        {
-            "txn_id": txn.txn_id,
-            "account_id": txn.account_id,
-            "wallet_id": txn.wallet_id,
-            "chain": list(txn.chain),
-            "amount_micros": txn.amount_micros,
-            "authorized_micros": txn.authorized_micros,
-            "currency": txn.currency,
-            "service": txn.service,
-            "metadata": dict(txn.metadata),
-            "authorized_at_ms": txn.authorized_at_ms,
-            "captured_at_ms": txn.captured_at_ms,
-            "day": txn.day,
-            "week": txn.week,
-            "month": txn.month,
-        },
-        sort_keys=True,
-    )

@@ -44,6 +44,7 @@ from spendgate.domain import (
     VoidResult,
     Window,
     WindowBudget,
+    with_article,
 )
 from spendgate.money import format_amount
 from spendgate.store.keys import Keys
@@ -378,10 +379,8 @@ class RedisStore:
         reply = await self._run("resolve", [self.keys.node(account_id, wallet_id)], [])
         if reply[0] == "ERR":
             if reply[1] == "NOT_A_WALLET":
-                kind = str(reply[2])
-                article = "an" if kind[:1] in ("a", "e", "i", "o", "u") else "a"
                 raise InvalidArgumentError(
-                    f"{wallet_id!r} is {article} {kind}, not a wallet: agents spend from wallets"
+                    f"{wallet_id!r} is {with_article(str(reply[2]))}, not a wallet: agents spend from wallets"
                 )
             raise NotFoundError(f"no wallet {wallet_id!r}")
         count = int(reply[4])
