@@ -23,7 +23,7 @@ from helpers import new_prefix
 from spendgate.domain import UnavailableError
 from spendgate.metrics import Metrics
 from spendgate.store.keys import Keys
-from spendgate.store.pipe import Endpoint, PipeUnsupportedError, RedisPipe, encode_command
+from spendgate.store.pipe import Encoded, Endpoint, PipeUnsupportedError, RedisPipe, encode_command, flatten
 from spendgate.store.redis_store import RedisStore
 
 TIMEOUT_S = 0.2
@@ -317,3 +317,11 @@ async def test_commands_wait_for_the_batch_that_is_out_then_leave_together() -> 
         await pipe.close()
         server.close()
         await close_writers(writers)
+
+
+def test_encoded_runs_encode_as_their_values() -> None:
+    run = Encoded("key:{a}:1", 7, b"\x00raw")
+    args: list[Any] = ["EVALSHA", "abc", 4, run, "", -5, Encoded(), "ünïcode"]
+    flat = ["EVALSHA", "abc", 4, "key:{a}:1", 7, b"\x00raw", "", -5, "ünïcode"]
+    assert flatten(args) == flat
+    assert encode_command(args) == b"".join(Connection().pack_command(*flat))

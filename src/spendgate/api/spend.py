@@ -71,7 +71,7 @@ class SpendServicer(spend_pb2_grpc.SpendServiceServicer):
             idempotency_key=request.idempotency_key,
             service=request.service,
             capture=request.capture,
-            metadata=dict(request.metadata),
+            metadata=dict(request.metadata) if request.metadata else {},
         )
         try:
             result = await self._core.authorize(command, token_mode=token_mode)

@@ -29,6 +29,7 @@ import multiprocessing.connection
 import resource
 import time
 import traceback
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -37,7 +38,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from spendgate._gen.spendgate.v1 import spend_pb2
-from spendgate.bench import h2client
+from spendgate.bench import h2client, schedule
 from spendgate.bench.stats import LATE_START_US, Recorder, WorkerResult, record_us
 from spendgate.bench.wire import (
     AUTHORIZE_METHOD,
@@ -51,6 +52,7 @@ from spendgate.bench.wire import (
 from spendgate.core import fingerprint
 from spendgate.domain import AuthorizeCommand
 from spendgate.store.keys import Keys
+from spendgate.store.pipe import Argument, flatten
 from spendgate.store.protocol import Chain
 from spendgate.store.redis_store import RedisStore, load_script_source
 from spendgate.windows import windows_at
@@ -307,6 +309,15 @@ def _calls(job: LoadJob, connections: int, pacer: h2client.ReadPacer | None) -> 
     return _H2Calls(job, connections, pacer) if job.client == "h2" else _GrpcCalls(job, connections)
 
 
+def _record_start(window: _Window, recorder: Recorder, intended: float) -> None:
+    """Record how late a scheduled call starts (open loops; measured calls only)."""
+    if window.measuring(intended):
+        late_us = (time.perf_counter() - intended) * 1e6
+        record_us(recorder.start_histogram, late_us)
+        if late_us > LATE_START_US:
+            recorder.late_starts += 1
+
+
 async def _paced(
     window: _Window, recorder: Recorder, concurrency: int, rate_per_s: float, call: Callable[[float], Awaitable[None]]
 ) -> None:
@@ -330,18 +341,12 @@ async def _paced(
         finally:
             slots.release()
 
-    intended = window.begin + interval_s * window.stagger
-    while intended < window.end:
-        delay_s = intended - time.perf_counter()
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
+    async for intended in schedule.starts(window.begin + interval_s * window.stagger, interval_s, window.end):
         await slots.acquire()
-        if window.measuring(intended) and (time.perf_counter() - intended) * 1e6 > LATE_START_US:
-            recorder.late_starts += 1
+        _record_start(window, recorder, intended)
         task = asyncio.create_task(run(intended))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        intended += interval_s
     while tasks:
         await asyncio.gather(*tasks)
 
@@ -473,30 +478,25 @@ class _StreamFeed:
         """Send requests with ``send`` until the window ends (awaiting what it returns, if anything)."""
         window, recorder = self.spender.window, self.spender.recorder
         interval_s = self.interval_s
-        intended = window.begin + interval_s * window.stagger
+        if interval_s:
+            async for intended in schedule.starts(window.begin + interval_s * window.stagger, interval_s, window.end):
+                await self._slot()
+                _record_start(window, recorder, intended)
+                await self._send(send, intended)
+            return
         while True:
-            if interval_s:
-                if intended >= window.end:
-                    return
-                delay_s = intended - time.perf_counter()
-                if delay_s > 0:
-                    await asyncio.sleep(delay_s)
             await self._slot()
             now = time.perf_counter()
-            if interval_s:
-                started = intended
-                intended += interval_s
-                if window.measuring(started) and (now - started) * 1e6 > LATE_START_US:
-                    recorder.late_starts += 1
-            elif now >= window.end:
+            if now >= window.end:
                 return
-            else:
-                started = now
-            sequence, request = self.spender.next_request()
-            self.pending[sequence.decode()] = (started, sequence)
-            sent = send(stream_request(sequence, request))
-            if sent is not None:
-                await sent
+            await self._send(send, now)
+
+    async def _send(self, send: Callable[[bytes], Awaitable[None] | None], started: float) -> None:
+        sequence, request = self.spender.next_request()
+        self.pending[sequence.decode()] = (started, sequence)
+        sent = send(stream_request(sequence, request))
+        if sent is not None:
+            await sent
 
     def answered(self, answer: spend_pb2.AuthorizeStreamResponse) -> None:
         """Count one answer."""
@@ -616,9 +616,13 @@ class _RecordingStore(RedisStore):
 
     recorded: tuple[list[str], list[str | int]] = ([], [])
 
-    async def _run(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
+    async def _run(self, script: str, keys: Sequence[Argument], args: Sequence[Argument]) -> list[Any]:
         if script == "authorize":
-            self.recorded = (list(keys), list(args))
+            # The store's keys are text and its arguments text or integers.
+            self.recorded = (
+                typing.cast(list[str], flatten(keys)),
+                typing.cast(list[str | int], flatten(args)),
+            )
             raise _Recorded
         return await super()._run(script, keys, args)
 
@@ -784,6 +788,7 @@ def _failure(error: BaseException) -> WorkerResult:
         window_s=0.0,
         histogram=b"",
         capture_histogram=b"",
+        start_histogram=b"",
         failure="".join(traceback.format_exception_only(error)).strip(),
     )
 

@@ -163,6 +163,13 @@ def print_report(report: BenchReport, console: Console) -> None:
     for result in report.phases.values():
         if result.captures:
             console.print(f"  captures: {_capture_line(result)}", highlight=False)
+        if result.start_histogram.get_total_count():
+            lateness = latency_summary(result.start_histogram)
+            console.print(
+                f"  {result.name}: calls started {lateness['p50_ms'] * 1000:.0f} µs (p50) / "
+                f"{lateness['p99_ms'] * 1000:.0f} µs (p99) after their scheduled time (included in the latency)",
+                highlight=False,
+            )
         if result.late_starts:
             console.print(
                 f"  [yellow]{result.name}: {result.late_starts:,} calls started over 1 ms late: the generator or "

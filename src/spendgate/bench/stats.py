@@ -60,6 +60,9 @@ class Recorder:
     window_s: float = 0.0
     histogram: HdrHistogram = dataclasses.field(default_factory=new_histogram)
     capture_histogram: HdrHistogram = dataclasses.field(default_factory=new_histogram)
+    # Open loops: how late each measured call started after its scheduled time (the generator's own delay,
+    # which the latency includes).
+    start_histogram: HdrHistogram = dataclasses.field(default_factory=new_histogram)
 
     def finish(self) -> WorkerResult:
         """Freeze the measurements into something a pipe can carry."""
@@ -76,6 +79,7 @@ class Recorder:
             window_s=self.window_s,
             histogram=self.histogram.encode(),
             capture_histogram=self.capture_histogram.encode(),
+            start_histogram=self.start_histogram.encode(),
         )
 
 
@@ -95,6 +99,7 @@ class WorkerResult:
     window_s: float
     histogram: bytes
     capture_histogram: bytes
+    start_histogram: bytes
     # Set when the process failed to run the phase at all (the message says why).
     failure: str = ""
 
@@ -133,6 +138,7 @@ class PhaseResult:
     failures: list[str] = dataclasses.field(default_factory=list)
     histogram: HdrHistogram = dataclasses.field(default_factory=new_histogram)
     capture_histogram: HdrHistogram = dataclasses.field(default_factory=new_histogram)
+    start_histogram: HdrHistogram = dataclasses.field(default_factory=new_histogram)
 
     def add(self, result: WorkerResult) -> None:
         """Add one generator process's measurements."""
@@ -153,6 +159,7 @@ class PhaseResult:
         self.window_s = max(self.window_s, result.window_s)
         self.histogram.decode_and_add(result.histogram)
         self.capture_histogram.decode_and_add(result.capture_histogram)
+        self.start_histogram.decode_and_add(result.start_histogram)
 
     @property
     def throughput(self) -> float:
@@ -213,6 +220,8 @@ class PhaseResult:
             "other_cores": _round(self.cores(self.other_cpu_s)),
             "failures": self.failures,
         }
+        if self.start_histogram.get_total_count():
+            figures["start_lateness"] = latency_summary(self.start_histogram)
         if self.captures:
             figures["captures"] = self.captures
             figures["capture_latency"] = latency_summary(self.capture_histogram)

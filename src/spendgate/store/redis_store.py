@@ -8,6 +8,7 @@ the same scripts. Every call is bounded by ``timeout_s``; a Redis that is down o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib.resources
 import json
@@ -48,7 +49,7 @@ from spendgate.domain import (
 )
 from spendgate.money import format_amount
 from spendgate.store.keys import Keys
-from spendgate.store.pipe import PipeStats, RedisPipe, encode_command
+from spendgate.store.pipe import Argument, Encoded, PipeStats, RedisPipe, encode_command, flatten
 from spendgate.store.protocol import AccountInfo, Backlog, Chain, StaleChainError, TokenRecord
 from spendgate.windows import WindowIds
 
@@ -183,6 +184,16 @@ def _authorize_result(reply: list[Any], command: AuthorizeCommand) -> AuthorizeR
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ChainArguments:
+    """What authorize.lua is given that is the same on every authorization from one chain, encoded once."""
+
+    holds_and_outbox: Encoded  # KEYS[1], KEYS[2]
+    events: Encoded  # KEYS[5]
+    nodes: Encoded  # KEYS[7..]: the chain's node hashes
+    tail: Encoded  # ARGV[22..]: holds_per_wallet_max, then the chain's node ids
+
+
 class ScriptBatcher:
     """Sends concurrent script calls to Redis together: one pipelined round trip carries many decisions.
 
@@ -201,7 +212,7 @@ class ScriptBatcher:
         # (script, EVALSHA arguments after the sha: numkeys, keys, args; the caller's future)
         self._queue: list[tuple[Any, list[Any], asyncio.Future[Any]]] = []
 
-    async def call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def call(self, script: Any, keys: Sequence[str | bytes | int], args: Sequence[str | bytes | int]) -> Any:
         """Run one script (an AsyncScript) in the next batch and return its reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((script, [len(keys), *keys, *args], future))
@@ -273,7 +284,7 @@ class RedisStore:
         self._client = client
         self.keys = keys or Keys()
         self._timeout_s = timeout_s
-        self.hold_ttl_ms = hold_ttl_ms
+        self._hold_ttl_ms = hold_ttl_ms
         self._idempotency_ttl_ms = idempotency_ttl_ms
         self._retention_ms = retention_ms
         # Releasing expired holds before a decision is what keeps them from blocking it. The bound is large:
@@ -281,7 +292,7 @@ class RedisStore:
         # sweeper outage) is paid for once, by the first calls after it.
         self._expire_count_max = expire_count_max
         self._alert_percents = ",".join(str(p) for p in alert_percents)
-        self.events_length_max = events_length_max
+        self._events_length_max = events_length_max
         self._on_outage = on_outage
         self._holds_per_wallet_max = holds_per_wallet_max
         self._scripts = {name: client.register_script(load_script_source(name)) for name in _SCRIPTS}
@@ -289,10 +300,37 @@ class RedisStore:
         # The hot path's transport where there is one (real Redis over TCP or a Unix socket): it batches by
         # itself, so it replaces the batcher.
         self._pipe = pipe
-        # Per chain, the script keys and arguments that are the same on every authorization from it.
-        self._chain_arguments: dict[Chain, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # Per chain, the script keys and arguments that are the same on every authorization from it, and the
+        # store's settings among authorize.lua's arguments, each run encoded once (see pipe.Encoded).
+        self._chain_arguments: dict[Chain, _ChainArguments] = {}
+        self._authorize_ttls = self._authorize_bounds = Encoded()
+        self._encode_settings()
         # Whether the client is the embedded in-process fakeredis (set by the composition root).
         self.in_process = False
+
+    def _encode_settings(self) -> None:
+        self._authorize_ttls = Encoded(self._hold_ttl_ms, self._idempotency_ttl_ms, self._retention_ms)
+        self._authorize_bounds = Encoded(self._expire_count_max, self._alert_percents, self._events_length_max)
+
+    @property
+    def hold_ttl_ms(self) -> int:
+        """How long an uncaptured hold lives, in milliseconds."""
+        return self._hold_ttl_ms
+
+    @hold_ttl_ms.setter
+    def hold_ttl_ms(self, value: int) -> None:
+        self._hold_ttl_ms = value
+        self._encode_settings()
+
+    @property
+    def events_length_max(self) -> int:
+        """The approximate cap of each account's event stream."""
+        return self._events_length_max
+
+    @events_length_max.setter
+    def events_length_max(self, value: int) -> None:
+        self._events_length_max = value
+        self._encode_settings()
 
     @property
     def pipe_stats(self) -> PipeStats | None:
@@ -322,16 +360,17 @@ class RedisStore:
             self._on_outage()
         raise UnavailableError(f"redis is unavailable: {type(error).__name__}: {error}") from error
 
-    async def _run(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
+    async def _run(self, script: str, keys: Sequence[Argument], args: Sequence[Argument]) -> list[Any]:
+        """Run a script; keys and arguments may hold :class:`~spendgate.store.pipe.Encoded` runs."""
         if self._pipe is not None:
             try:
                 reply = await self._piped(self._pipe, self._scripts[script], keys, args)
             except REDIS_OUTAGES as error:
                 self._outage(error)
         elif self._batcher is not None:
-            reply = await self._call(self._batcher.call(self._scripts[script], keys, args))
+            reply = await self._call(self._batcher.call(self._scripts[script], flatten(keys), flatten(args)))
         else:
-            reply = await self._call(self._scripts[script](keys=list(keys), args=list(args)))
+            reply = await self._call(self._scripts[script](keys=flatten(keys), args=flatten(args)))  # type: ignore[arg-type]
         return list(reply) if isinstance(reply, list) else [reply]
 
     async def _command(self, *args: str | int) -> Any:
@@ -344,8 +383,9 @@ class RedisStore:
             self._outage(error)
 
     @staticmethod
-    async def _piped(pipe: RedisPipe, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        command = encode_command(["EVALSHA", script.sha, len(keys), *keys, *args])
+    async def _piped(pipe: RedisPipe, script: Any, keys: Sequence[Argument], args: Sequence[Argument]) -> Any:
+        key_count = sum(len(key) if isinstance(key, Encoded) else 1 for key in keys)
+        command = encode_command(["EVALSHA", script.sha, key_count, *keys, *args])
         try:
             return await pipe.send(command)
         except redis.exceptions.NoScriptError:
@@ -426,8 +466,8 @@ class RedisStore:
         fixed = self._chain_arguments.get(chain)
         if fixed is None:
             fixed = self._chain_arguments_of(chain)
-        keys, chain_args = fixed
-        args: list[str | int] = [
+        # The order is authorize.lua's KEYS and ARGV (see its header).
+        args: list[Argument] = [
             now_ms,
             chain.topo,
             command.amount_micros,
@@ -435,9 +475,7 @@ class RedisStore:
             command.service,
             "1" if command.capture else "0",
             fingerprint,
-            self.hold_ttl_ms,
-            self._idempotency_ttl_ms,
-            self._retention_ms,
+            self._authorize_ttls,
             authorization_id,
             windows.day,
             windows.week,
@@ -445,23 +483,19 @@ class RedisStore:
             windows.minute,
             json.dumps(dict(command.metadata), sort_keys=True, separators=(",", ":")) if command.metadata else "{}",
             command.idempotency_key,
-            self._expire_count_max,
-            self._alert_percents,
-            self.events_length_max,
+            self._authorize_bounds,
             token_mode,
-            self._holds_per_wallet_max,
-            *chain_args,
+            fixed.tail,
         ]
         reply = await self._run(
             "authorize",
             [
-                keys[0],
-                keys[1],
+                fixed.holds_and_outbox,
                 self.keys.idempotency(account, chain.wallet_id, command.idempotency_key),
                 self.keys.hold(account, authorization_id),
-                keys[2],
+                fixed.events,
                 self._token_key(account, token_mode),
-                *keys[3:],
+                fixed.nodes,
             ],
             args,
         )
@@ -487,18 +521,17 @@ class RedisStore:
             raise RuntimeError(f"authorize.lua answered an unknown error {code!r}")
         return _authorize_result(reply, command), reply[18] == "1"
 
-    def _chain_arguments_of(self, chain: Chain) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """A chain's fixed script keys (holds, outbox, events, then its nodes) and arguments (its node ids)."""
+    def _chain_arguments_of(self, chain: Chain) -> _ChainArguments:
         account = chain.account_id
-        keys = (
-            self.keys.holds(account),
-            self.keys.outbox(account),
-            self.keys.events(account),
-            *(self.keys.node(account, node_id) for node_id in chain.node_ids),
+        fixed = _ChainArguments(
+            holds_and_outbox=Encoded(self.keys.holds(account), self.keys.outbox(account)),
+            events=Encoded(self.keys.events(account)),
+            nodes=Encoded(*(self.keys.node(account, node_id) for node_id in chain.node_ids)),
+            tail=Encoded(self._holds_per_wallet_max, *chain.node_ids),
         )
         if len(self._chain_arguments) >= CHAIN_ARGUMENTS_CACHED_MAX:
             self._chain_arguments.clear()
-        fixed = self._chain_arguments[chain] = (keys, chain.node_ids)
+        self._chain_arguments[chain] = fixed
         return fixed
 
     async def capture(
