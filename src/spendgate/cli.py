@@ -30,7 +30,7 @@ from spendgate.domain import (
     Window,
 )
 from spendgate.money import MoneyError, format_amount, parse_amount
-from spendgate.settings import load_settings
+from spendgate.settings import STANDALONE_LEDGER_WRITERS, load_settings
 
 EXIT_DENIED = 1
 EXIT_ERROR = 2
@@ -927,7 +927,13 @@ def migrate() -> None:
 
 
 @cli.command()
-@click.option("--writers", type=int, default=1, show_default=True, help="Writer loops in this process.")
+@click.option(
+    "--writers",
+    type=int,
+    default=STANDALONE_LEDGER_WRITERS,
+    show_default=True,
+    help="Writer loops in this process (two overlap one batch's commit with the next batch's read).",
+)
 @click.option("--consumer", default="", help="Consumer name in the outbox group (hostname-pid by default).")
 @click.option("--once", is_flag=True, help="Drain what is in the outbox now, then exit.")
 def ledger(writers: int, consumer: str, once: bool) -> None:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from helpers import in_ci
 from spendgate._gen.spendgate.v1 import spend_pb2
 from spendgate.bench.check import CheckResult, violations_of
 from spendgate.bench.fleet import generate_fleet
+from spendgate.bench.report import rounds_table
 from spendgate.bench.servers import find_redis_server
 from spendgate.bench.wire import authorize_prefix, authorize_request, stream_request
 from spendgate.cli import cli
@@ -91,6 +94,9 @@ def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib
     assert figures["phases"]["unary"]["decisions"] == {"approved": figures["phases"]["unary"]["calls"]}
     assert figures["phases"]["exhaust"]["decisions"].get("denied: window_limit", 0) > 0
     assert figures["ratios"]["unary_vs_empty_unary_pct"] is not None
+    # The open loop reports how late its calls started; a closed loop has no schedule to be late for.
+    assert figures["phases"]["unary-half"]["start_lateness"]["count"] == figures["phases"]["unary-half"]["calls"]
+    assert "start_lateness" not in figures["phases"]["unary"]
 
     check = figures["check"]
     assert check["no_limit_exceeded"] is True
@@ -129,3 +135,45 @@ def test_the_end_of_run_check_fails_on_a_limit_exceeded_or_money_unaccounted_for
     assert not CheckResult(approved_micros=5, spent_held_delta_micros=4).passed
     assert CheckResult(approved_micros=5, spent_held_delta_micros=7, unknown_micros_max=2).money_ok is True
     assert not CheckResult(violations=["w1 day: over"]).passed
+
+
+@pytest.mark.slow
+def test_rounds_repeat_the_run_and_end_with_the_medians(tmp_path: pathlib.Path) -> None:
+    output = tmp_path / "rounds.json"
+    command = [sys.executable, "-m", "spendgate.bench", "--embedded", "--quick", "--phases", "empty-unary,unary"]
+    command += ["--rounds", "2", "--processes", "1", "--concurrency", "4", "--json", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=110, cwd=REPOSITORY, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "round 2 of 2" in completed.stdout
+    assert "Targets over 2 rounds" in completed.stdout
+    figures = json.loads(output.read_text())
+    assert len(figures["rounds"]) == 2
+    assert all(set(report["phases"]) == {"empty-unary", "unary"} for report in figures["rounds"])
+    unary = figures["targets"]["unary_vs_empty_unary_pct"]
+    assert unary["rounds"] == [report["ratios"]["unary_vs_empty_unary_pct"] for report in figures["rounds"]]
+    assert unary["median"] == pytest.approx(statistics.median(unary["rounds"]), abs=1e-3)
+    # Phases that did not run leave their targets empty rather than made up.
+    assert figures["targets"]["stream_vs_unary_x"] == {
+        "rounds": [None, None],
+        "median": None,
+        "target": 3.0,
+        "higher_is_better": True,
+    }
+
+
+def test_the_rounds_table_judges_each_median_against_its_target() -> None:
+    figures: list[dict[str, float | None]] = [
+        {"unary_vs_empty_unary_pct": 80.0, "stream_vs_unary_x": 2.0, "half_load_p99_ms": 4.0},
+        {"unary_vs_empty_unary_pct": 70.0, "stream_vs_unary_x": 3.5, "half_load_p99_ms": 2.0},
+        {"unary_vs_empty_unary_pct": 76.0, "stream_vs_unary_x": 2.5, "half_load_p99_ms": 2.5},
+    ]
+    for round_figures in figures:
+        round_figures["ledger_writer_vs_server_x"] = None
+    console = Console(record=True, width=200)
+    console.print(rounds_table(figures))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert "76.0" in rows["unary Authorize, % of the empty-handler ceiling"]
+    assert "≥ 75%: met" in rows["unary Authorize, % of the empty-handler ceiling"]
+    assert "≥ 3x: not met" in rows["AuthorizeStream, times unary"]
+    assert "≤ 3ms: met" in rows["p99 at half load, ms"]
+    assert not any("ledger" in label for label in rows)

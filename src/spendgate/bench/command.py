@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import click
 from rich.console import Console
 
 from spendgate.bench.loadgen import CLIENTS
-from spendgate.bench.report import print_report, write_json
+from spendgate.bench.report import print_report, rounds_table, target_figures, write_json, write_rounds_json
 from spendgate.bench.runner import ALL_PHASES, DEFAULT_PHASES, BenchOptions, run_bench
 from spendgate.money import MoneyError, parse_amount
+from spendgate.settings import STANDALONE_LEDGER_WRITERS
 
 EXIT_CHECK_FAILED = 1
 EXIT_ERROR = 2
 QUICK_DURATION_S = 0.3
 QUICK_WARMUP_S = 0.1
 REPORT_WIDTH = 150
+# --rounds at most (each round is a whole benchmark).
+ROUNDS_MAX = 20
 
 
 def _micros(text: str, what: str) -> int:
@@ -165,9 +169,17 @@ def _phases(text: str) -> tuple[str, ...]:
 @click.option(
     "--ledger-writers",
     type=int,
-    default=1,
+    default=STANDALONE_LEDGER_WRITERS,
     show_default=True,
     help="Ledger phase: writer loops of `spendgate ledger --writers N`, and of the server under load.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, ROUNDS_MAX),
+    default=1,
+    show_default=True,
+    help="Run everything this many times (fresh servers each time) and end with each target's median: one run "
+    "on a small shared machine is noisy.",
 )
 @click.option("--quick", is_flag=True, help="Short phases (for smoke tests): 0.3 s after 0.1 s warm-up.")
 def bench_command(
@@ -200,6 +212,7 @@ def bench_command(
     server_env: tuple[str, ...],
     database_url: str,
     ledger_writers: int,
+    rounds: int,
     quick: bool,
 ) -> None:
     """Load-test spendgate and measure this machine's ceilings, so the results read as ratios.
@@ -248,17 +261,32 @@ def bench_command(
     if not console.is_terminal:
         # Piped or captured output would otherwise be 80 columns wide, too narrow for the tables.
         console = Console(width=REPORT_WIDTH)
-    try:
-        progress = Console(stderr=True)
-        report = run_bench(options, progress if progress.is_terminal else Console(stderr=True, width=REPORT_WIDTH))
-    except (RuntimeError, ValueError, OSError) as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
-        sys.exit(EXIT_ERROR)
-    print_report(report, console)
+    progress = Console(stderr=True)
+    if not progress.is_terminal:
+        progress = Console(stderr=True, width=REPORT_WIDTH)
+    reports = []
+    for index in range(rounds):
+        if rounds > 1:
+            console.rule(f"round {index + 1} of {rounds}")
+        round_options = options
+        if rounds > 1 and options.work_dir:
+            round_options = dataclasses.replace(options, work_dir=f"{options.work_dir}/round-{index + 1}")
+        try:
+            report = run_bench(round_options, progress)
+        except (RuntimeError, ValueError, OSError) as error:
+            Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+            sys.exit(EXIT_ERROR)
+        print_report(report, console)
+        reports.append(report)
+    if rounds > 1:
+        console.print(rounds_table([target_figures(report) for report in reports]))
     if json_path:
-        write_json(report, json_path)
+        if rounds > 1:
+            write_rounds_json(reports, json_path)
+        else:
+            write_json(reports[0], json_path)
         console.print(f"  figures written to {json_path}", highlight=False)
-    if not report.passed:
+    if not all(report.passed for report in reports):
         sys.exit(EXIT_CHECK_FAILED)
 
 

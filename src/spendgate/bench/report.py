@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 from typing import Any
 
 from rich.console import Console
@@ -271,6 +272,78 @@ def profile_table(phase: str, profile: dict[str, Any]) -> Table:
     return table
 
 
+# The figures the targets are about: (key, label, unit, target, whether higher is better).
+TARGETS = (
+    ("unary_vs_empty_unary_pct", "unary Authorize, % of the empty-handler ceiling", "%", 75.0, True),
+    ("stream_vs_unary_x", "AuthorizeStream, times unary", "x", 3.0, True),
+    ("half_load_p99_ms", "p99 at half load, ms", "ms", 3.0, False),
+    ("ledger_writer_vs_server_x", "ledger writer, times the server's rate", "x", 5.0, True),
+)
+
+
+def target_figures(report: BenchReport) -> dict[str, float | None]:
+    """One run's figure for each of :data:`TARGETS` (None where its phases did not run)."""
+    ratios = report.ratios()
+    half = report.phases.get("unary-half")
+    return {
+        "unary_vs_empty_unary_pct": ratios["unary_vs_empty_unary_pct"],
+        "stream_vs_unary_x": ratios["stream_vs_unary_x"],
+        "half_load_p99_ms": latency_summary(half.histogram)["p99_ms"] if half is not None and half.calls else None,
+        "ledger_writer_vs_server_x": round(report.ledger.ratio, 2)
+        if report.ledger is not None and report.ledger.ratio is not None
+        else None,
+    }
+
+
+def rounds_table(figures: list[dict[str, float | None]]) -> Table:
+    """Each target's figure in every round, its median and whether the median meets the target."""
+    table = Table(
+        title=f"Targets over {len(figures)} rounds (each round measures its own ceilings)", title_justify="left"
+    )
+    table.add_column("figure")
+    for index in range(len(figures)):
+        table.add_column(f"round {index + 1}", justify="right")
+    table.add_column("median", justify="right")
+    table.add_column("target", justify="right")
+    for key, label, unit, target, higher in TARGETS:
+        values = [round_figures[key] for round_figures in figures]
+        median = _median(values)
+        if median is None:
+            continue
+        digits = 1 if unit == "%" else 2
+        met = median >= target if higher else median <= target
+        verdict = f"{'≥' if higher else '≤'} {target:g}{unit}: " + ("[green]met[/]" if met else "[red]not met[/]")
+        table.add_row(
+            label,
+            *("-" if value is None else f"{value:.{digits}f}" for value in values),
+            f"[bold]{median:.{digits}f}[/]",
+            verdict,
+        )
+    return table
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values that are there (None if none is)."""
+    seen = [value for value in values if value is not None]
+    return round(statistics.median(seen), 3) if seen else None
+
+
 def write_json(report: BenchReport, path: str) -> None:
     """Write every figure to ``path`` as JSON."""
     pathlib.Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+
+
+def write_rounds_json(reports: list[BenchReport], path: str) -> None:
+    """Write every round's figures, and each target's figure per round, to ``path`` as JSON."""
+    figures = [target_figures(report) for report in reports]
+    targets = {
+        key: {
+            "rounds": [round_figures[key] for round_figures in figures],
+            "median": _median([round_figures[key] for round_figures in figures]),
+            "target": target,
+            "higher_is_better": higher,
+        }
+        for key, _, _, target, higher in TARGETS
+    }
+    document = {"version": 1, "targets": targets, "rounds": [report.to_json() for report in reports]}
+    pathlib.Path(path).write_text(json.dumps(document, indent=2) + "\n")

@@ -54,6 +54,7 @@ from spendgate.bench.servers import (
     spendgate_server,
 )
 from spendgate.bench.stats import PhaseResult
+from spendgate.settings import STANDALONE_LEDGER_WRITERS
 
 if TYPE_CHECKING:
     from spendgate.bench.ledger_phase import LedgerFigures
@@ -125,7 +126,7 @@ class BenchOptions:
     server_environment: tuple[tuple[str, str], ...] = ()
     # The ledger phase: a PostgreSQL URL it may create (and drop) a database through, and its writer loops.
     database_url: str = ""
-    ledger_writers: int = 1
+    ledger_writers: int = STANDALONE_LEDGER_WRITERS
     # The gRPC client of the unary and stream phases: the benchmark's own HTTP/2 client, or grpcio.
     client: str = "h2"
 
