@@ -81,20 +81,36 @@ class Encoded:
     """Arguments encoded once and sent many times: a run of them goes into a command as one piece of bytes.
 
     A decision's command is mostly such runs (a chain's keys and node ids, the store's settings); encoding
-    only the rest per call is what keeps a 45-argument EVALSHA cheap to build.
+    only the rest per call is what keeps a 45-argument EVALSHA cheap to build. Only the bytes are kept (a
+    server may cache one per wallet); :meth:`values` reads them back for clients that encode themselves.
     """
 
-    __slots__ = ("data", "values")
+    __slots__ = ("count", "data")
 
     def __init__(self, *values: str | bytes | int) -> None:
-        self.values = values
+        self.count = len(values)
         self.data = b"".join(_bulk(value) for value in values)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return self.count
+
+    def values(self) -> list[str | bytes]:
+        """The arguments back from their encoding: text where it is UTF-8 (integers come back as text)."""
+        values: list[str | bytes] = []
+        at = 0
+        for _ in range(self.count):
+            end = self.data.index(b"\r\n", at)
+            size = int(self.data[at + 1 : end])
+            raw = self.data[end + 2 : end + 2 + size]
+            try:
+                values.append(raw.decode())
+            except UnicodeDecodeError:
+                values.append(raw)
+            at = end + 4 + size
+        return values
 
     def __repr__(self) -> str:
-        return f"Encoded{self.values!r}"
+        return f"Encoded{tuple(self.values())!r}"
 
 
 Argument = str | bytes | int | Encoded
@@ -110,7 +126,7 @@ def encode_command(args: Sequence[Argument]) -> bytes:
             data = arg.encode()
         elif isinstance(arg, Encoded):
             parts.append(arg.data)
-            count += len(arg.values)
+            count += arg.count
             continue
         elif isinstance(arg, int):
             data = b"%d" % arg
@@ -127,7 +143,7 @@ def flatten(args: Sequence[Argument]) -> list[str | bytes | int]:
     flat: list[str | bytes | int] = []
     for arg in args:
         if isinstance(arg, Encoded):
-            flat.extend(arg.values)
+            flat.extend(arg.values())
         else:
             flat.append(arg)
     return flat

@@ -303,6 +303,7 @@ class RedisStore:
         # Per chain, the script keys and arguments that are the same on every authorization from it, and the
         # store's settings among authorize.lua's arguments, each run encoded once (see pipe.Encoded).
         self._chain_arguments: dict[Chain, _ChainArguments] = {}
+        self._account_arguments: dict[str, tuple[Encoded, Encoded]] = {}
         self._authorize_ttls = self._authorize_bounds = Encoded()
         self._encode_settings()
         # Whether the client is the embedded in-process fakeredis (set by the composition root).
@@ -384,7 +385,7 @@ class RedisStore:
 
     @staticmethod
     async def _piped(pipe: RedisPipe, script: Any, keys: Sequence[Argument], args: Sequence[Argument]) -> Any:
-        key_count = sum(len(key) if isinstance(key, Encoded) else 1 for key in keys)
+        key_count = sum(key.count if isinstance(key, Encoded) else 1 for key in keys)
         command = encode_command(["EVALSHA", script.sha, key_count, *keys, *args])
         try:
             return await pipe.send(command)
@@ -523,14 +524,19 @@ class RedisStore:
 
     def _chain_arguments_of(self, chain: Chain) -> _ChainArguments:
         account = chain.account_id
+        shared = self._account_arguments.get(account)
+        if shared is None:
+            shared = Encoded(self.keys.holds(account), self.keys.outbox(account)), Encoded(self.keys.events(account))
+            self._account_arguments[account] = shared
         fixed = _ChainArguments(
-            holds_and_outbox=Encoded(self.keys.holds(account), self.keys.outbox(account)),
-            events=Encoded(self.keys.events(account)),
+            holds_and_outbox=shared[0],
+            events=shared[1],
             nodes=Encoded(*(self.keys.node(account, node_id) for node_id in chain.node_ids)),
             tail=Encoded(self._holds_per_wallet_max, *chain.node_ids),
         )
         if len(self._chain_arguments) >= CHAIN_ARGUMENTS_CACHED_MAX:
             self._chain_arguments.clear()
+            self._account_arguments.clear()
         self._chain_arguments[chain] = fixed
         return fixed
 
