@@ -111,6 +111,8 @@ async def real_pipe(redis_url: str) -> AsyncIterator[RedisPipe]:
         ["PING"],
         ["SET", "k", "v", "PX", 100],
         ["EVALSHA", "abc", 2, "key:{a}:1", "key:{a}:2", "", "ünïcode", -5, b"\x00\xffraw"],
+        # Around the sizes whose headers are made once.
+        ["SET", "k" * 1023, "v" * 1024, "m" * 5000],
     ],
 )
 def test_encoding_is_what_redis_py_sends(args: list[Any]) -> None:

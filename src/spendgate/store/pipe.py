@@ -116,23 +116,31 @@ class Encoded:
 Argument = str | bytes | int | Encoded
 
 
+# The RESP header of every bulk-string length a command argument usually has, made once.
+_BULK_HEADERS = tuple(b"$%d\r\n" % size for size in range(1024))
+
+
 def encode_command(args: Sequence[Argument]) -> bytes:
     """One command as a RESP2 array of bulk strings (an :class:`Encoded` stands for its values)."""
     parts = [b""]
+    append = parts.append
     count = 0
     for arg in args:
         # The common types first: this runs for every argument of every decision.
         if isinstance(arg, str):
             data = arg.encode()
         elif isinstance(arg, Encoded):
-            parts.append(arg.data)
+            append(arg.data)
             count += arg.count
             continue
         elif isinstance(arg, int):
             data = b"%d" % arg
         else:
             data = arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        size = len(data)
+        append(_BULK_HEADERS[size] if size < 1024 else b"$%d\r\n" % size)
+        append(data)
+        append(b"\r\n")
         count += 1
     parts[0] = b"*%d\r\n" % count
     return b"".join(parts)
