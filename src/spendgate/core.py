@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 
 from spendgate.clock import Clock
 from spendgate.domain import (
@@ -39,8 +40,9 @@ AUTHORIZATION_ID_LENGTH_MAX = 64 + 1 + 32
 class _RandomTokens:
     """128-bit random tokens as 32 hex digits, read from the OS's CSPRNG 256 at a time.
 
-    One ``os.urandom`` call per token is a system call per decision; a buffer makes it one per 256. The buffer
-    is dropped in a forked child, which must never hand out the tokens its parent will.
+    One ``os.urandom`` call per token is a system call per decision; a buffer makes it one per 256. A lock
+    keeps two threads from taking the same token; the buffer is dropped in a forked child, which must never
+    hand out the tokens its parent will.
     """
 
     _BATCH = 256
@@ -48,17 +50,20 @@ class _RandomTokens:
     def __init__(self) -> None:
         self._hex = ""
         self._at = 0
+        self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._drop)
 
     def _drop(self) -> None:
         self._hex, self._at = "", 0
+        self._lock = threading.Lock()
 
     def next(self) -> str:
-        at = self._at
-        if at >= len(self._hex):
-            self._hex, at = os.urandom(16 * self._BATCH).hex(), 0
-        self._at = at + 32
-        return self._hex[at : at + 32]
+        with self._lock:
+            at = self._at
+            if at >= len(self._hex):
+                self._hex, at = os.urandom(16 * self._BATCH).hex(), 0
+            self._at = at + 32
+            return self._hex[at : at + 32]
 
 
 _tokens = _RandomTokens()

@@ -94,8 +94,9 @@ def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib
     assert figures["phases"]["unary"]["decisions"] == {"approved": figures["phases"]["unary"]["calls"]}
     assert figures["phases"]["exhaust"]["decisions"].get("denied: window_limit", 0) > 0
     assert figures["ratios"]["unary_vs_empty_unary_pct"] is not None
-    # The open loop reports how late its calls started; a closed loop has no schedule to be late for.
-    assert figures["phases"]["unary-half"]["start_lateness"]["count"] == figures["phases"]["unary-half"]["calls"]
+    # The open loop reports how late its calls started (counted by start, where calls are counted by answer,
+    # so the two counts differ by the calls in flight at the window's edges); a closed loop has no schedule.
+    assert figures["phases"]["unary-half"]["start_lateness"]["count"] > 0
     assert "start_lateness" not in figures["phases"]["unary"]
 
     check = figures["check"]
@@ -147,6 +148,7 @@ def test_rounds_repeat_the_run_and_end_with_the_medians(tmp_path: pathlib.Path) 
     assert "round 2 of 2" in completed.stdout
     assert "Targets over 2 rounds" in completed.stdout
     figures = json.loads(output.read_text())
+    assert figures["kind"] == "rounds"
     assert len(figures["rounds"]) == 2
     assert all(set(report["phases"]) == {"empty-unary", "unary"} for report in figures["rounds"])
     unary = figures["targets"]["unary_vs_empty_unary_pct"]

@@ -107,7 +107,8 @@ async def test_a_writer_killed_mid_batch_is_taken_over_by_another(
     gate = await start_gate(redis_url=redis_server.url, database_url=database_url, key_prefix=prefix, ledger_writers=0)
     proxy = PgProxy(*pg_target(database_url)).start()
     doomed = Process(
-        ["ledger", "--consumer", "doomed"],
+        # One writer loop ("doomed-0"): the test follows the batch that loop holds.
+        ["ledger", "--writers", "1", "--consumer", "doomed"],
         direct_env(redis_server.url, proxy.url(database_url), prefix),
         tmp_path / "doomed.log",
     )
@@ -187,8 +188,9 @@ async def test_a_writer_killed_after_its_commit_before_its_ack_writes_nothing_tw
     gate = await start_gate(redis_url=redis_server.url, database_url=database_url, key_prefix=prefix, ledger_writers=0)
     proxy = PgProxy(*pg_target(database_url)).start()
     env = direct_env(redis_server.url, proxy.url(database_url), prefix)
-    first = Process(["ledger", "--consumer", "steady"], env, tmp_path / "first.log")
-    second = Process(["ledger", "--consumer", "steady"], env, tmp_path / "second.log")
+    # One writer loop ("steady-0"): the test follows the batch that loop holds, and no other loop's.
+    first = Process(["ledger", "--writers", "1", "--consumer", "steady"], env, tmp_path / "first.log")
+    second = Process(["ledger", "--writers", "1", "--consumer", "steady"], env, tmp_path / "second.log")
     spender = Spender(gate.client, seed=12)
     paused = False
     try:

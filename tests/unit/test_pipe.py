@@ -328,5 +328,5 @@ def test_encoded_runs_encode_as_their_values() -> None:
     assert encode_command(args) == b"".join(Connection().pack_command(*flat))
     # Read back, integers are text (as Redis sees every argument); bytes that are not UTF-8 stay bytes.
     assert flatten(args) == ["EVALSHA", "abc", 4, "key:{a}:1", "7", "\x00raw", "", -5, "ünïcode"]
-    assert Encoded(b"\xff\xfe", "").values() == [b"\xff\xfe", ""]
+    assert Encoded(b"\xff\xfe", "").values() == (b"\xff\xfe", "")
     assert encode_command(flatten(args)) == encode_command(args)

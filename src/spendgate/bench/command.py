@@ -10,7 +10,7 @@ from rich.console import Console
 
 from spendgate.bench.loadgen import CLIENTS
 from spendgate.bench.report import print_report, rounds_table, target_figures, write_json, write_rounds_json
-from spendgate.bench.runner import ALL_PHASES, DEFAULT_PHASES, BenchOptions, run_bench
+from spendgate.bench.runner import ALL_PHASES, DEFAULT_PHASES, BenchOptions, BenchReport, run_bench
 from spendgate.money import MoneyError, parse_amount
 from spendgate.settings import STANDALONE_LEDGER_WRITERS
 
@@ -178,8 +178,8 @@ def _phases(text: str) -> tuple[str, ...]:
     type=click.IntRange(1, ROUNDS_MAX),
     default=1,
     show_default=True,
-    help="Run everything this many times (fresh servers each time) and end with each target's median: one run "
-    "on a small shared machine is noisy.",
+    help="Run everything this many times (with fresh servers, unless --target) and end with each target's "
+    "median: one run on a small shared machine is noisy.",
 )
 @click.option("--quick", is_flag=True, help="Short phases (for smoke tests): 0.3 s after 0.1 s warm-up.")
 def bench_command(
@@ -264,7 +264,7 @@ def bench_command(
     progress = Console(stderr=True)
     if not progress.is_terminal:
         progress = Console(stderr=True, width=REPORT_WIDTH)
-    reports = []
+    reports: list[BenchReport] = []
     for index in range(rounds):
         if rounds > 1:
             console.rule(f"round {index + 1} of {rounds}")
@@ -275,6 +275,9 @@ def bench_command(
             report = run_bench(round_options, progress)
         except (RuntimeError, ValueError, OSError) as error:
             Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+            if json_path and reports:
+                # The rounds that finished are kept.
+                write_rounds_json(reports, json_path)
             sys.exit(EXIT_ERROR)
         print_report(report, console)
         reports.append(report)

@@ -341,12 +341,14 @@ async def _paced(
         finally:
             slots.release()
 
-    async for intended in schedule.starts(window.begin + interval_s * window.stagger, interval_s, window.end):
-        await slots.acquire()
-        _record_start(window, recorder, intended)
-        task = asyncio.create_task(run(intended))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    starts = schedule.starts(window.begin + interval_s * window.stagger, interval_s, window.end)
+    async with contextlib.aclosing(starts) as due:
+        async for intended in due:
+            await slots.acquire()
+            _record_start(window, recorder, intended)
+            task = asyncio.create_task(run(intended))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
     while tasks:
         await asyncio.gather(*tasks)
 
@@ -479,10 +481,12 @@ class _StreamFeed:
         window, recorder = self.spender.window, self.spender.recorder
         interval_s = self.interval_s
         if interval_s:
-            async for intended in schedule.starts(window.begin + interval_s * window.stagger, interval_s, window.end):
-                await self._slot()
-                _record_start(window, recorder, intended)
-                await self._send(send, intended)
+            starts = schedule.starts(window.begin + interval_s * window.stagger, interval_s, window.end)
+            async with contextlib.aclosing(starts) as due:
+                async for intended in due:
+                    await self._slot()
+                    _record_start(window, recorder, intended)
+                    await self._send(send, intended)
             return
         while True:
             await self._slot()

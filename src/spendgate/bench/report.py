@@ -345,5 +345,6 @@ def write_rounds_json(reports: list[BenchReport], path: str) -> None:
         }
         for key, _, _, target, higher in TARGETS
     }
-    document = {"version": 1, "targets": targets, "rounds": [report.to_json() for report in reports]}
+    # "kind" tells this layout from a single run's (which has "phases" at the top).
+    document = {"version": 1, "kind": "rounds", "targets": targets, "rounds": [report.to_json() for report in reports]}
     pathlib.Path(path).write_text(json.dumps(document, indent=2) + "\n")

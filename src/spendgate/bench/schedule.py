@@ -11,13 +11,13 @@ kernel's high-resolution timers, nanoseconds; no busy waiting); elsewhere it fal
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 _CLOCK_MONOTONIC = 1
 _TFD_CLOEXEC = 0o2000000
@@ -34,6 +34,7 @@ class _Itimerspec(ctypes.Structure):
     _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     """The C library, where it has timerfd and ``time.perf_counter`` reads CLOCK_MONOTONIC (Linux)."""
     if not sys.platform.startswith("linux"):
@@ -61,8 +62,10 @@ class _TimerFd:
         loop.add_reader(self._fd, self._fired)
 
     def _fired(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._fd, 8)
+        try:
+            os.read(self._fd, 8)  # The count of expiries; reading it clears the readiness.
+        except BlockingIOError:
+            return  # Not expired after all (re-armed since): keep waiting.
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -77,11 +80,13 @@ class _TimerFd:
         await self._waiter
 
     def close(self) -> None:
-        self._loop.remove_reader(self._fd)
-        os.close(self._fd)
+        try:
+            self._loop.remove_reader(self._fd)
+        finally:
+            os.close(self._fd)
 
 
-async def starts(first_s: float, interval_s: float, end_s: float) -> AsyncIterator[float]:
+async def starts(first_s: float, interval_s: float, end_s: float) -> AsyncGenerator[float, None]:
     """Yield each scheduled start ``first_s + k * interval_s`` before ``end_s``, once it is due.
 
     Starts already due (the consumer fell behind) are yielded at once, so a late generator shows as latency

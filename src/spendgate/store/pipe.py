@@ -82,20 +82,24 @@ class Encoded:
 
     A decision's command is mostly such runs (a chain's keys and node ids, the store's settings); encoding
     only the rest per call is what keeps a 45-argument EVALSHA cheap to build. Only the bytes are kept (a
-    server may cache one per wallet); :meth:`values` reads them back for clients that encode themselves.
+    server may cache one per wallet); :meth:`values` reads them back, once, for clients that encode
+    themselves (redis-py, the embedded fakeredis).
     """
 
-    __slots__ = ("count", "data")
+    __slots__ = ("_values", "count", "data")
 
     def __init__(self, *values: str | bytes | int) -> None:
         self.count = len(values)
         self.data = b"".join(_bulk(value) for value in values)
+        self._values: tuple[str | bytes, ...] | None = None
 
     def __len__(self) -> int:
         return self.count
 
-    def values(self) -> list[str | bytes]:
+    def values(self) -> tuple[str | bytes, ...]:
         """The arguments back from their encoding: text where it is UTF-8 (integers come back as text)."""
+        if self._values is not None:
+            return self._values
         values: list[str | bytes] = []
         at = 0
         for _ in range(self.count):
@@ -107,7 +111,8 @@ class Encoded:
             except UnicodeDecodeError:
                 values.append(raw)
             at = end + 4 + size
-        return values
+        self._values = tuple(values)
+        return self._values
 
     def __repr__(self) -> str:
         return f"Encoded{tuple(self.values())!r}"
