@@ -58,6 +58,9 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 HEALTH_PROBE_INTERVAL_S = 1.0
 EMBEDDED_TIMEOUT_S = 10.0
+# A standalone ledger writer whose database is down at start retries after this long, doubling up to the cap.
+LEDGER_START_RETRY_INITIAL_S = 0.5
+LEDGER_START_RETRY_MAX_S = 30.0
 # What may stop the writers draining the outbox at shutdown: Redis or the database down, or the deadline.
 _DRAIN_FAILURES: tuple[type[BaseException], ...] = (SpendgateError, *REDIS_OUTAGES)
 
@@ -475,9 +478,46 @@ async def _direct(settings: Settings) -> tuple[RedisStore, LedgerSink]:
     return store, ledger
 
 
+async def _migrate_when_up(ledger: LedgerSink, stop: asyncio.Event) -> bool:
+    """Migrate the ledger, retrying with bounded back-off while its database is down; False if stopped first.
+
+    A standalone writer may start before its database (a deploy, a failover): it waits rather than exits, and
+    the outbox holds settled money meanwhile.
+    """
+    delay_s = LEDGER_START_RETRY_INITIAL_S
+    while True:
+        migrating = asyncio.ensure_future(ledger.migrate())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((migrating, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not migrating.done():
+            migrating.cancel()
+            with contextlib.suppress(asyncio.CancelledError, UnavailableError):
+                await migrating
+            return False
+        try:
+            log.info("ledger schema at version %d", migrating.result())
+            return True
+        except UnavailableError as error:
+            log.warning("ledger database unavailable (%s); retrying in %.1f s", error, delay_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay_s)
+        if stop.is_set():
+            return False
+        delay_s = min(delay_s * 2, LEDGER_START_RETRY_MAX_S)
+
+
 async def run_ledger_writers(settings: Settings, *, writers: int, consumer: str, once: bool) -> int:
-    """Run writer loops until SIGTERM/SIGINT (or, with ``once``, drain the outboxes and return the count)."""
-    store, ledger = await _direct(settings)
+    """Run writer loops until SIGTERM/SIGINT (or, with ``once``, drain the outboxes and return the count).
+
+    Run until stopped, the writers wait for a database that is down at start; ``once`` (an operator's
+    one-off command) fails at once instead.
+    """
+    if once:
+        store, ledger = await _direct(settings)
+    else:
+        store = build_store(settings)
+        ledger = open_ledger(settings.database_url, data_dir=settings.data_dir)
     name = consumer or f"{socket.gethostname()}-{os.getpid()}"
     clients = [
         aioredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10.0)
@@ -501,6 +541,8 @@ async def run_ledger_writers(settings: Settings, *, writers: int, consumer: str,
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if not await _migrate_when_up(ledger, stop):
+            return 0
         tasks = [asyncio.create_task(writer.run(), name=f"ledger-writer-{i}") for i, writer in enumerate(loops)]
         log.info("%d ledger writer(s) running as %s", len(loops), name)
         await stop.wait()

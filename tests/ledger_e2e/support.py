@@ -306,6 +306,10 @@ class PgProxy:
             sink.transport.abort()
             self._writers.discard(sink)
 
+    def retarget(self, host: str, port: int) -> None:
+        """Send the connections made from now on to ``host:port`` (a database that comes up elsewhere)."""
+        self._target = (host, port)
+
     def pause(self) -> None:
         """Hold all traffic (connections stay open)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import signal
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -242,6 +243,69 @@ async def test_a_writer_killed_after_its_commit_before_its_ack_writes_nothing_tw
         await first.cleanup()
         await second.cleanup()
         proxy.close()
+
+
+async def test_a_writer_started_before_its_database_waits_for_it(
+    redis_server: RedisServer,
+    database_url: str,
+    start_gate: StartGate,
+    tmp_path: pathlib.Path,
+) -> None:
+    """`spendgate ledger` started while its database refuses connections retries, then writes everything."""
+    prefix = new_name("x")
+    gate = await start_gate(redis_url=redis_server.url, database_url=database_url, key_prefix=prefix, ledger_writers=0)
+    with socket.socket() as probe:  # A port nothing listens on: connections to it are refused.
+        probe.bind(("127.0.0.1", 0))
+        refused_port = probe.getsockname()[1]
+    proxy = PgProxy("127.0.0.1", refused_port).start()
+    writer = Process(
+        ["ledger", "--writers", "1", "--consumer", "early"],
+        direct_env(redis_server.url, proxy.url(database_url), prefix),
+        tmp_path / "early.log",
+    )
+    spender = Spender(gate.client, seed=14)
+    try:
+        await writer.start()
+        await spender.load(20)
+
+        async def retrying() -> bool:
+            return writer.log().count("ledger database unavailable") >= 2
+
+        await eventually(retrying, what=f"`spendgate ledger` to retry its database (see {writer.log_path})")
+        assert writer.running, writer.log()
+        assert await count_rows(database_url) == 0
+        proxy.retarget(*pg_target(database_url))
+        await spender.load(10)
+        await drained(gate.channel, len(spender.settled))
+        assert_exactly_once(await ledger_transactions(database_url), spender.settled)
+        assert await writer.terminate() == 0, writer.log()
+    finally:
+        await writer.cleanup()
+        proxy.close()
+
+
+async def test_a_writer_waiting_for_its_database_stops_on_sigterm(
+    redis_server: RedisServer,
+    tmp_path: pathlib.Path,
+) -> None:
+    """A writer still waiting for its database exits cleanly, and at once, when told to stop."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused_port = probe.getsockname()[1]
+    url = f"postgresql://nobody@127.0.0.1:{refused_port}/nothing"
+    writer = Process(
+        ["ledger", "--writers", "1"], direct_env(redis_server.url, url, new_name("x")), tmp_path / "stop.log"
+    )
+    try:
+        await writer.start()
+
+        async def retrying() -> bool:
+            return "ledger database unavailable" in writer.log()
+
+        await eventually(retrying, what=f"`spendgate ledger` to retry its database (see {writer.log_path})")
+        assert await writer.terminate(timeout_s=10.0) == 0, writer.log()
+    finally:
+        await writer.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------------------
