@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import signal
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from helpers import RedisServer
+from helpers import RedisServer, free_port
 from spendgate.ledger import LedgerWriter, open_ledger
 from spendgate.store.keys import Keys
 
@@ -254,10 +253,8 @@ async def test_a_writer_started_before_its_database_waits_for_it(
     """`spendgate ledger` started while its database refuses connections retries, then writes everything."""
     prefix = new_name("x")
     gate = await start_gate(redis_url=redis_server.url, database_url=database_url, key_prefix=prefix, ledger_writers=0)
-    with socket.socket() as probe:  # A port nothing listens on: connections to it are refused.
-        probe.bind(("127.0.0.1", 0))
-        refused_port = probe.getsockname()[1]
-    proxy = PgProxy("127.0.0.1", refused_port).start()
+    # A port nothing listens on: connections to it are refused.
+    proxy = PgProxy("127.0.0.1", free_port()).start()
     writer = Process(
         ["ledger", "--writers", "1", "--consumer", "early"],
         direct_env(redis_server.url, proxy.url(database_url), prefix),
@@ -289,10 +286,7 @@ async def test_a_writer_waiting_for_its_database_stops_on_sigterm(
     tmp_path: pathlib.Path,
 ) -> None:
     """A writer still waiting for its database exits cleanly, and at once, when told to stop."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        refused_port = probe.getsockname()[1]
-    url = f"postgresql://nobody@127.0.0.1:{refused_port}/nothing"
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"  # Nothing listens there.
     writer = Process(
         ["ledger", "--writers", "1"], direct_env(redis_server.url, url, new_name("x")), tmp_path / "stop.log"
     )
