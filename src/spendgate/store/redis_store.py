@@ -325,13 +325,8 @@ class RedisStore:
 
     @property
     def events_length_max(self) -> int:
-        """The approximate cap of each account's event stream."""
+        """The approximate cap of each account's event stream (fixed at construction)."""
         return self._events_length_max
-
-    @events_length_max.setter
-    def events_length_max(self, value: int) -> None:
-        self._events_length_max = value
-        self._encode_settings()
 
     @property
     def pipe_stats(self) -> PipeStats | None:
