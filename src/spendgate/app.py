@@ -471,10 +471,11 @@ async def serve(settings: Settings) -> None:
 # Operator tools that work on a deployment's Redis and database directly (the CLI's ledger commands).
 
 
-async def _direct(settings: Settings) -> tuple[RedisStore, LedgerSink]:
+async def _direct(settings: Settings, *, migrate: bool = True) -> tuple[RedisStore, LedgerSink]:
     store = build_store(settings)
     ledger = open_ledger(settings.database_url, data_dir=settings.data_dir)
-    await ledger.migrate()
+    if migrate:
+        await ledger.migrate()
     return store, ledger
 
 
@@ -513,11 +514,8 @@ async def run_ledger_writers(settings: Settings, *, writers: int, consumer: str,
     Run until stopped, the writers wait for a database that is down at start; ``once`` (an operator's
     one-off command) fails at once instead.
     """
-    if once:
-        store, ledger = await _direct(settings)
-    else:
-        store = build_store(settings)
-        ledger = open_ledger(settings.database_url, data_dir=settings.data_dir)
+    # Run until stopped, the migration waits for the database below (_migrate_when_up).
+    store, ledger = await _direct(settings, migrate=once)
     name = consumer or f"{socket.gethostname()}-{os.getpid()}"
     clients = [
         aioredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10.0)
