@@ -49,6 +49,7 @@ from spendgate.settings import Settings
 from spendgate.store.keys import Keys
 from spendgate.store.pipe import PipeUnsupportedError, RedisPipe
 from spendgate.store.redis_store import REDIS_OUTAGES, RedisStore
+from spendgate.threads import keep_other_threads_batch
 from spendgate.webhooks import WebhookDeliverer, WebhookSettings
 
 log = logging.getLogger("spendgate")
@@ -457,11 +458,15 @@ async def serve(settings: Settings) -> None:
     # Everything built so far (modules, plans, caches) lives as long as the process: keep it out of the
     # garbage collector's scans, so a full collection looks only at what calls allocate and stays short.
     gc.freeze()
+    helpers = (
+        [asyncio.create_task(keep_other_threads_batch(), name="batch-threads")] if settings.batch_helper_threads else []
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    await cancel_all(helpers)
     log.info("shutting down: finishing in-flight calls (up to %.0f s)", settings.shutdown_grace_s)
     await server.stop()
     log.info("stopped")

@@ -87,6 +87,9 @@ class Settings:
     # the clients retry), so one connection cannot grow the server's memory without bound.
     streams_per_connection_max: int = 256
     concurrent_rpcs_max: int = 10_000
+    # Run the process's other threads (grpc's poller and event engine) as SCHED_BATCH, so their wake-ups never
+    # preempt the event loop's thread (spendgate/threads.py); Linux only, needs no privilege.
+    batch_helper_threads: bool = True
 
     def __post_init__(self) -> None:
         for name in (

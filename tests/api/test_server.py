@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 import signal
 import time
@@ -116,6 +117,16 @@ async def test_an_in_flight_call_completes_during_graceful_shutdown(clock: Manua
     assert response.hold_state == spend_pb2.HOLD_STATE_HELD
 
 
+async def _helper_threads_batch(pid: int) -> bool:
+    """Whether the process's main thread runs under the default policy and grpc's threads under SCHED_BATCH."""
+    policies = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{name}/comm") as comm:
+            policies[int(name)] = (comm.read().strip(), os.sched_getscheduler(int(name)))
+    engines = [policy for name, policy in policies.values() if name == "event_engine"]
+    return policies[pid][1] == os.SCHED_OTHER and bool(engines) and all(p == os.SCHED_BATCH for p in engines)
+
+
 async def test_spendgate_serve_answers_then_exits_cleanly_on_sigterm(tmp_path: pathlib.Path) -> None:
     port = free_port()
     root_token = "sg_test-root-token-for-this-test-only"  # noqa: S105 - a throwaway token of this test's server
@@ -148,6 +159,11 @@ async def test_spendgate_serve_answers_then_exits_cleanly_on_sigterm(tmp_path: p
                 result = await client.authorize(WALLET, USD // 4)
                 assert result.approved
                 assert (await client.get_budget(WALLET)).windows[0].held_micros == USD // 4
+            if hasattr(os, "SCHED_BATCH"):
+                # grpc's threads yield to the event loop's (spendgate/threads.py); the loop's own does not.
+                await eventually(
+                    lambda: _helper_threads_batch(process.pid), timeout_s=10, what="grpc's threads under SCHED_BATCH"
+                )
 
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
