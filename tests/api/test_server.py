@@ -119,10 +119,11 @@ async def test_an_in_flight_call_completes_during_graceful_shutdown(clock: Manua
 
 async def _helper_threads_batch(pid: int) -> bool:
     """Whether the process's main thread runs under the default policy and grpc's threads under SCHED_BATCH."""
-    policies = {}
-    for name in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{name}/comm") as comm:
-            policies[int(name)] = (comm.read().strip(), os.sched_getscheduler(int(name)))
+    tasks = pathlib.Path(f"/proc/{pid}/task")
+    policies = {
+        int(task.name): ((task / "comm").read_text().strip(), os.sched_getscheduler(int(task.name)))
+        for task in tasks.iterdir()
+    }
     engines = [policy for name, policy in policies.values() if name == "event_engine"]
     return policies[pid][1] == os.SCHED_OTHER and bool(engines) and all(p == os.SCHED_BATCH for p in engines)
 
