@@ -117,7 +117,7 @@ async def test_an_in_flight_call_completes_during_graceful_shutdown(clock: Manua
     assert response.hold_state == spend_pb2.HOLD_STATE_HELD
 
 
-async def _helper_threads_batch(pid: int) -> bool:
+def _helper_threads_batch(pid: int) -> bool:
     """Whether the process's main thread runs under the default policy and grpc's threads under SCHED_BATCH."""
     tasks = pathlib.Path(f"/proc/{pid}/task")
     policies = {
@@ -163,7 +163,9 @@ async def test_spendgate_serve_answers_then_exits_cleanly_on_sigterm(tmp_path: p
             if hasattr(os, "SCHED_BATCH"):
                 # grpc's threads yield to the event loop's (spendgate/threads.py); the loop's own does not.
                 await eventually(
-                    lambda: _helper_threads_batch(process.pid), timeout_s=10, what="grpc's threads under SCHED_BATCH"
+                    lambda: asyncio.to_thread(_helper_threads_batch, process.pid),
+                    timeout_s=10,
+                    what="grpc's threads under SCHED_BATCH",
                 )
 
         process.send_signal(signal.SIGTERM)
