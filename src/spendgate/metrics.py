@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from spendgate.clock import pause
-from spendgate.domain import AuthorizeResult, SpendgateError
+from spendgate.domain import AuthorizeResult, NotFoundError, SpendgateError
 from spendgate.store.pipe import PipeStats
 from spendgate.store.protocol import AdminStore
 
@@ -58,6 +58,10 @@ class Metrics:
         self.nodes_max = nodes_max
         # Reading budgets costs one script call per node per refresh; past this many nodes the scan stops.
         self.nodes_scan_max = nodes_scan_max
+        # Where the round over every account's nodes goes on at the next refresh (account's place among the
+        # sorted ids, node's place in its plan), and the nodes exported last time, the busiest first.
+        self.scan_cursor = (0, 0)
+        self.exported_nodes: list[str] = []
         # The /metrics HTTP server and its thread, while it runs.
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.rpc_seconds = Histogram(
@@ -158,45 +162,72 @@ async def collect_forever(
         await pause(interval_s)
 
 
+_WindowRow = tuple[str, int, int, int | None, float]
+
+
+def _window_rows(budget: Any) -> list[_WindowRow]:
+    """A node budget's windows as (name, spent, held, limit, utilization) rows."""
+    rows: list[_WindowRow] = []
+    for window in budget.windows:
+        used = window.spent_micros + window.held_micros
+        ratio = used / window.limit_micros if window.limit_micros else 0.0
+        rows.append(
+            (_WINDOW_NAMES[int(window.window)], window.spent_micros, window.held_micros, window.limit_micros, ratio)
+        )
+    return rows
+
+
 async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[str], Awaitable[Any]]) -> None:
     """One refresh of the Redis-backed gauges.
 
-    Up to ``nodes_scan_max`` nodes are read; the ``nodes_max`` busiest of them (by their highest utilization
-    of any window) get per-node series, with all four windows each.
+    Up to ``nodes_scan_max`` node budgets are read per refresh: first the nodes exported last time (the
+    busiest, at most half the budget), so their series stay current; then the rest of the budget continues a
+    round over every account's nodes where the last refresh stopped, so on a fleet larger than the budget
+    every node is looked at within a few refreshes. The ``nodes_max`` busiest of the nodes read (by their
+    highest utilization of any window) get per-node series, with all four windows each. A node deleted
+    between two reads is skipped.
     """
-    ranked: list[tuple[float, str, list[tuple[str, int, int, int | None, float]]]] = []
-    scanned = 0
-    for account_id in await store.account_ids():
+    rows: dict[str, list[_WindowRow]] = {}
+    left = metrics.nodes_scan_max
+
+    async def read(node_id: str) -> None:
+        nonlocal left
+        left -= 1
+        with contextlib.suppress(NotFoundError):
+            rows[node_id] = _window_rows(await budgets(node_id))
+
+    account_ids = await store.account_ids()
+    for account_id in account_ids:
         counts = await store.backlog(account_id)
         metrics.holds.labels(account_id).set(counts.holds)
         metrics.outbox_entries.labels(account_id).set(counts.outbox_entries)
         metrics.outbox_age.labels(account_id).set(counts.outbox_oldest_age_ms / 1000)
-        if scanned >= metrics.nodes_scan_max:
-            continue  # The scan's budget is spent: reading this account's whole plan would be wasted work.
-        plan = await store.read_plan(account_id)
-        for node in plan.nodes if plan else ():
-            if scanned >= metrics.nodes_scan_max:
-                break
-            scanned += 1
-            budget = await budgets(node.node_id)
-            windows = []
-            for window in budget.windows:
-                used = window.spent_micros + window.held_micros
-                ratio = used / window.limit_micros if window.limit_micros else 0.0
-                windows.append(
-                    (
-                        _WINDOW_NAMES[int(window.window)],
-                        window.spent_micros,
-                        window.held_micros,
-                        window.limit_micros,
-                        ratio,
-                    )
-                )
-            ranked.append((max((w[4] for w in windows), default=0.0), node.node_id, windows))
+    for node_id in metrics.exported_nodes[: metrics.nodes_scan_max // 2]:
+        await read(node_id)
+    account_at, node_at = metrics.scan_cursor
+    if account_at >= len(account_ids):
+        account_at, node_at = 0, 0
+    # Every account once, and the one the round starts in once more when it starts past its first node.
+    visits_left = len(account_ids) + (1 if node_at else 0)
+    while left > 0 and visits_left > 0:
+        plan = await store.read_plan(account_ids[account_at])
+        nodes = plan.nodes if plan else ()
+        while node_at < len(nodes) and left > 0:
+            node_id = nodes[node_at].node_id
+            node_at += 1
+            if node_id not in rows:
+                await read(node_id)
+        if node_at >= len(nodes):
+            account_at, node_at = (account_at + 1) % len(account_ids), 0
+            visits_left -= 1
+    metrics.scan_cursor = (account_at, node_at)
+    ranked = [(max((row[4] for row in windows), default=0.0), node_id, windows) for node_id, windows in rows.items()]
     ranked.sort(key=lambda row: (-row[0], row[1]))
+    exported = ranked[: metrics.nodes_max]
+    metrics.exported_nodes = [node_id for _, node_id, _ in exported]
     kept = [
         (ratio, node_id, window_name, spent, held, limit)
-        for _, node_id, windows in ranked[: metrics.nodes_max]
+        for _, node_id, windows in exported
         for window_name, spent, held, limit, ratio in windows
     ]
     for gauge in (metrics.spent, metrics.held, metrics.utilization):
