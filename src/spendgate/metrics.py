@@ -9,6 +9,7 @@ fleet of 100,000 wallets does not become 100,000 x 4 series.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import threading
@@ -56,11 +57,12 @@ class Metrics:
     def __init__(self, nodes_max: int = 1000, nodes_scan_max: int = 10_000) -> None:
         self.registry = CollectorRegistry()
         self.nodes_max = nodes_max
-        # Reading budgets costs one script call per node per refresh; past this many nodes the scan stops.
-        self.nodes_scan_max = nodes_scan_max
-        # Where the round over every account's nodes goes on at the next refresh (account's place among the
-        # sorted ids, node's place in its plan), and the nodes exported last time, the busiest first.
-        self.scan_cursor = (0, 0)
+        # Reading budgets costs one script call per node per refresh; past this many nodes the scan stops. It
+        # is at least twice nodes_max: the exported nodes are read again at every refresh, in half the budget.
+        self.nodes_scan_max = max(nodes_scan_max, 2 * nodes_max)
+        # Where the round over every account's nodes goes on at the next refresh (the account, and the node's
+        # place in its plan), and the nodes exported last time, the busiest first.
+        self.scan_cursor = ("", 0)
         self.exported_nodes: list[str] = []
         # The /metrics HTTP server and its thread, while it runs.
         self._http: tuple[WSGIServer, threading.Thread] | None = None
@@ -181,11 +183,11 @@ async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[s
     """One refresh of the Redis-backed gauges.
 
     Up to ``nodes_scan_max`` node budgets are read per refresh: first the nodes exported last time (the
-    busiest, at most half the budget), so their series stay current; then the rest of the budget continues a
-    round over every account's nodes where the last refresh stopped, so on a fleet larger than the budget
-    every node is looked at within a few refreshes. The ``nodes_max`` busiest of the nodes read (by their
-    highest utilization of any window) get per-node series, with all four windows each. A node deleted
-    between two reads is skipped.
+    busiest; at most ``nodes_max``, which is at most half the budget), so their series stay current; then the
+    rest of the budget continues a round over every account's nodes where the last refresh stopped, so on a
+    fleet larger than the budget every node is looked at within a few refreshes. The ``nodes_max`` busiest of
+    the nodes read (by their highest utilization of any window) get per-node series, with all four windows
+    each. A node deleted between two reads is skipped.
     """
     rows: dict[str, list[_WindowRow]] = {}
     left = metrics.nodes_scan_max
@@ -196,7 +198,7 @@ async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[s
         with contextlib.suppress(NotFoundError):
             rows[node_id] = _window_rows(await budgets(node_id))
 
-    account_ids = await store.account_ids()
+    account_ids = sorted(await store.account_ids())
     for account_id in account_ids:
         counts = await store.backlog(account_id)
         metrics.holds.labels(account_id).set(counts.holds)
@@ -204,9 +206,13 @@ async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[s
         metrics.outbox_age.labels(account_id).set(counts.outbox_oldest_age_ms / 1000)
     for node_id in metrics.exported_nodes[: metrics.nodes_scan_max // 2]:
         await read(node_id)
-    account_at, node_at = metrics.scan_cursor
-    if account_at >= len(account_ids):
-        account_at, node_at = 0, 0
+    # The round goes on in the account it stopped in, or (that account gone) in the next one by id.
+    cursor_account, node_at = metrics.scan_cursor
+    account_at = bisect.bisect_left(account_ids, cursor_account)
+    if account_at >= len(account_ids) or account_ids[account_at] != cursor_account:
+        node_at = 0
+        if account_at >= len(account_ids):
+            account_at = 0
     # Every account once, and the one the round starts in once more when it starts past its first node.
     visits_left = len(account_ids) + (1 if node_at else 0)
     while left > 0 and visits_left > 0:
@@ -220,7 +226,8 @@ async def collect_once(metrics: Metrics, store: AdminStore, budgets: Callable[[s
         if node_at >= len(nodes):
             account_at, node_at = (account_at + 1) % len(account_ids), 0
             visits_left -= 1
-    metrics.scan_cursor = (account_at, node_at)
+    if account_ids:
+        metrics.scan_cursor = (account_ids[account_at], node_at)
     ranked = [(max((row[4] for row in windows), default=0.0), node_id, windows) for node_id, windows in rows.items()]
     ranked.sort(key=lambda row: (-row[0], row[1]))
     exported = ranked[: metrics.nodes_max]

@@ -87,8 +87,8 @@ class Settings:
     # the clients retry), so one connection cannot grow the server's memory without bound.
     streams_per_connection_max: int = 256
     concurrent_rpcs_max: int = 10_000
-    # Run the process's other threads (grpc's poller and event engine) as SCHED_BATCH, so their wake-ups never
-    # preempt the event loop's thread (spendgate/threads.py); Linux only, needs no privilege.
+    # Run every thread but the event loop's (grpc's poller and event engine among them) as SCHED_BATCH, so
+    # their wake-ups never preempt the event loop's thread (spendgate/threads.py); Linux only, no privilege.
     batch_helper_threads: bool = True
 
     def __post_init__(self) -> None:

@@ -5,16 +5,17 @@ Linux's default policy each wake-up may preempt the thread that runs the event l
 work happens: in a 5 s unary run of `make bench` the loop's thread was preempted about 51,000 times, four
 times per call, and each preemption costs two context switches and a cold cache. A thread under SCHED_BATCH
 never preempts a running thread when it wakes (it waits for a free CPU or the next tick), so the loop's thread
-keeps its CPU; the helper threads still get their share. The README's Performance section has the figures.
+keeps its CPU; the other threads still get their share. The README's Performance section has the figures.
 
-SCHED_BATCH needs no privilege. Threads under any other policy than the default (an operator's choice) are
-left alone, and so is everything where the policy cannot be set (not Linux, or a sandbox that forbids it).
+Every thread but the loop's is changed: grpc's, and the few of spendgate's own (the /metrics endpoint, the
+executor threads of blocking calls). SCHED_BATCH needs no privilege. Threads under any other policy than the
+default (an operator's choice) are left alone. Where the policy cannot be set (not Linux, or a sandbox that
+forbids it) nothing changes, and the server says so once in its log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
@@ -25,33 +26,58 @@ RECHECK_INTERVAL_S = 30.0
 _TASKS = "/proc/self/task"
 
 
-def batch_other_threads(keep: int | None = None) -> int:
+def supported() -> bool:
+    """Whether this platform has SCHED_BATCH and lists a process's threads in /proc."""
+    return hasattr(os, "SCHED_BATCH") and os.path.isdir(_TASKS)
+
+
+def batch_other_threads(keep: int | None = None) -> tuple[int, int]:
     """Put every thread of this process but ``keep`` (default: the calling thread) under SCHED_BATCH.
 
-    Only threads under the default policy (SCHED_OTHER) are changed. Returns how many were changed.
+    Only threads under the default policy (SCHED_OTHER) are changed. Returns how many were changed and how many
+    refused the change. A thread id is read from this process's own task list and used at once; a thread that
+    ended in between is skipped.
     """
-    batch = getattr(os, "SCHED_BATCH", None)
-    if batch is None or not os.path.isdir(_TASKS):
-        return 0
+    if not supported():
+        return 0, 0
     keep = threading.get_native_id() if keep is None else keep
-    changed = 0
-    for name in os.listdir(_TASKS):
+    changed = refused = 0
+    try:
+        names = os.listdir(_TASKS)
+    except OSError:  # Out of file descriptors, say: the next check tries again.
+        return 0, 0
+    for name in names:
         thread_id = int(name)
         if thread_id == keep:
             continue
-        # A thread may end between the listing and the call; a sandbox may refuse the call.
-        with contextlib.suppress(OSError):
+        try:
             if os.sched_getscheduler(thread_id) == os.SCHED_OTHER:
-                os.sched_setscheduler(thread_id, batch, os.sched_param(0))
+                os.sched_setscheduler(thread_id, os.SCHED_BATCH, os.sched_param(0))
                 changed += 1
-    return changed
+        except ProcessLookupError:  # The thread ended after the listing.
+            continue
+        except OSError:  # A sandbox that forbids the call.
+            refused += 1
+    return changed, refused
 
 
 async def keep_other_threads_batch(interval_s: float = RECHECK_INTERVAL_S) -> None:
-    """Apply :func:`batch_other_threads` for the event loop's thread now and every ``interval_s`` after."""
+    """Apply :func:`batch_other_threads` for the event loop's thread now and every ``interval_s`` after.
+
+    Says once in the log what it did; stops at once where the policy is not available, or refused.
+    """
+    if not supported():
+        log.info("helper threads keep the default scheduling policy: SCHED_BATCH is Linux's")
+        return
     loop_thread = threading.get_native_id()
-    changed = batch_other_threads(loop_thread)
-    log.debug("%d helper threads put under SCHED_BATCH", changed)
+    changed, refused = batch_other_threads(loop_thread)
+    if refused and not changed:
+        log.info("helper threads keep the default scheduling policy: setting SCHED_BATCH was refused")
+        return
+    log.info("%d helper threads put under SCHED_BATCH (the event loop's thread keeps the default)", changed)
     while True:
         await asyncio.sleep(interval_s)
-        batch_other_threads(loop_thread)
+        try:
+            batch_other_threads(loop_thread)
+        except Exception:  # serve() awaits this task at shutdown: it must never end with an error.
+            log.warning("could not recheck the helper threads' scheduling policy", exc_info=True)

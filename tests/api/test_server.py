@@ -119,11 +119,12 @@ async def test_an_in_flight_call_completes_during_graceful_shutdown(clock: Manua
 
 def _helper_threads_batch(pid: int) -> bool:
     """Whether the process's main thread runs under the default policy and grpc's threads under SCHED_BATCH."""
-    tasks = pathlib.Path(f"/proc/{pid}/task")
-    policies = {
-        int(task.name): ((task / "comm").read_text().strip(), os.sched_getscheduler(int(task.name)))
-        for task in tasks.iterdir()
-    }
+    policies = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            policies[int(task.name)] = ((task / "comm").read_text().strip(), os.sched_getscheduler(int(task.name)))
+        except (FileNotFoundError, ProcessLookupError):  # The thread ended after the listing.
+            continue
     engines = [policy for name, policy in policies.values() if name == "event_engine"]
     return policies[pid][1] == os.SCHED_OTHER and bool(engines) and all(p == os.SCHED_BATCH for p in engines)
 

@@ -33,7 +33,7 @@ class _Budget:
 
 async def test_the_scan_stops_reading_plans_once_its_budget_is_spent_but_every_backlog_is_reported() -> None:
     store = _Store()
-    metrics = Metrics(nodes_scan_max=4)
+    metrics = Metrics(nodes_max=2, nodes_scan_max=4)
     budgets_read: list[str] = []
 
     async def budgets(node_id: str) -> _Budget:
@@ -126,3 +126,43 @@ async def test_a_fleet_within_the_budget_is_read_whole_each_time_and_a_deleted_n
         assert sorted(budgets.read) == sorted(everything)
         assert "a2-n1" in _exported(metrics)
         assert "a1-n2" not in _exported(metrics)
+
+
+async def test_the_round_goes_on_in_the_next_account_by_id_when_its_account_is_gone() -> None:
+    store = _Store()
+    metrics = Metrics(nodes_max=1, nodes_scan_max=4)
+    budgets = _Budgets(busy="")
+    await collect_once(metrics, store, budgets)  # type: ignore[arg-type]
+    assert budgets.read[-1] == "a2-n0"  # The round stopped inside a2.
+
+    store.account_ids = _accounts("a1", "a3")  # type: ignore[method-assign]
+    budgets.read.clear()
+    await collect_once(metrics, store, budgets)  # type: ignore[arg-type]
+    # a2 was removed: the round goes on from the start of a3, the next account by id, skipping none of it.
+    assert budgets.read == ["a1-n0", "a3-n0", "a3-n1", "a3-n2"]
+
+
+async def test_an_exported_node_that_is_deleted_drops_out() -> None:
+    store = _Store()
+    metrics = Metrics(nodes_max=1, nodes_scan_max=100)
+    budgets = _Budgets(busy="a2-n1")
+    await collect_once(metrics, store, budgets)  # type: ignore[arg-type]
+    assert _exported(metrics) == {"a2-n1"}
+
+    budgets.deleted = frozenset({"a2-n1"})
+    await collect_once(metrics, store, budgets)  # type: ignore[arg-type]
+    assert "a2-n1" not in _exported(metrics)
+    assert len(_exported(metrics)) == 1
+
+
+def test_the_scan_budget_holds_twice_the_exported_nodes() -> None:
+    # The exported nodes are read again at every refresh, in half the budget; the other half goes round.
+    assert Metrics(nodes_max=5, nodes_scan_max=4).nodes_scan_max == 10
+    assert Metrics(nodes_max=1000, nodes_scan_max=10_000).nodes_scan_max == 10_000
+
+
+def _accounts(*ids: str) -> Any:
+    async def account_ids() -> list[str]:
+        return list(ids)
+
+    return account_ids
