@@ -36,7 +36,8 @@ def batch_other_threads(keep: int | None = None) -> tuple[int, int]:
 
     Only threads under the default policy (SCHED_OTHER) are changed. Returns how many were changed and how many
     refused the change. A thread id is read from this process's own task list and used at once; a thread that
-    ended in between is skipped.
+    ended in between is skipped. (Were its id taken by a new thread of another process of the same user in
+    those microseconds, that thread would be the one changed: harmless, and unlikely.)
     """
     if not supported():
         return 0, 0
