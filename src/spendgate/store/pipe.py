@@ -93,9 +93,6 @@ class Encoded:
         self.data = b"".join(_bulk(value) for value in values)
         self._values: tuple[str | bytes, ...] | None = None
 
-    def __len__(self) -> int:
-        return self.count
-
     def values(self) -> tuple[str | bytes, ...]:
         """The arguments back from their encoding: text where it is UTF-8 (integers come back as text)."""
         if self._values is not None:
