@@ -519,7 +519,6 @@ async def run_ledger_writers(settings: Settings, *, writers: int, consumer: str,
     Run until stopped, the writers wait for a database that is down at start; ``once`` (an operator's
     one-off command) fails at once instead.
     """
-    # Run until stopped, the migration waits for the database below (_migrate_when_up).
     store, ledger = await _direct(settings, migrate=once)
     name = consumer or f"{socket.gethostname()}-{os.getpid()}"
     clients = [
