@@ -98,7 +98,9 @@ def redis_pipe(settings: Settings) -> RedisPipe | None:
     if not settings.redis_pipe or not settings.redis_url:
         return None
     try:
-        return RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        return RedisPipe.from_url(
+            settings.redis_url, timeout_s=settings.redis_timeout_s, linger_s=settings.redis_linger_us / 1_000_000
+        )
     except PipeUnsupportedError:
         return None
 

@@ -40,7 +40,7 @@ class _PipeCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        """The two counters, as they are now."""
+        """The counters, as they are now."""
         yield CounterMetricFamily(
             "spendgate_redis_pipe_commands", "Commands sent over the Redis pipe.", value=self._stats.commands
         )
@@ -48,6 +48,11 @@ class _PipeCollector(Collector):
             "spendgate_redis_pipe_writes",
             "Writes (round trips) that carried them; commands / writes is the batch size.",
             value=self._stats.writes,
+        )
+        yield CounterMetricFamily(
+            "spendgate_redis_pipe_lingered_writes",
+            "Writes that waited for more commands to share them, because the event loop was busy.",
+            value=self._stats.lingered,
         )
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from spendgate import timerfd
 from spendgate.bench import schedule
 
 
@@ -16,12 +17,12 @@ async def _collect(first_s: float, interval_s: float, end_s: float) -> list[tupl
     return [(intended, time.perf_counter()) async for intended in schedule.starts(first_s, interval_s, end_s)]
 
 
-@pytest.mark.parametrize("timerfd", [True, False], ids=["timerfd", "sleep"])
-async def test_yields_every_start_in_order_and_never_early(monkeypatch: pytest.MonkeyPatch, timerfd: bool) -> None:
-    if timerfd and schedule._libc() is None:
+@pytest.mark.parametrize("use_timerfd", [True, False], ids=["timerfd", "sleep"])
+async def test_yields_every_start_in_order_and_never_early(monkeypatch: pytest.MonkeyPatch, use_timerfd: bool) -> None:
+    if use_timerfd and not timerfd.available():
         pytest.skip("timerfd needs Linux")
-    if not timerfd:
-        monkeypatch.setattr(schedule, "_libc", lambda: None)
+    if not use_timerfd:
+        monkeypatch.setattr(timerfd, "available", lambda: False)
     first = time.perf_counter() + 0.01
     starts = await _collect(first, 0.0005, first + 0.05)
     assert [round(intended - first, 6) for intended, _ in starts] == [round(k * 0.0005, 6) for k in range(100)]
@@ -40,7 +41,7 @@ async def test_starts_already_due_come_at_once() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
 def test_linux_uses_timerfd() -> None:
-    assert schedule._libc() is not None
+    assert timerfd.available()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
@@ -50,6 +51,6 @@ async def test_timer_is_closed_when_the_consumer_stops_early() -> None:
     iterator = schedule.starts(first, 0.001, first + 10.0)
     async for _ in iterator:
         break
-    assert len(os.listdir("/proc/self/fd")) == before + (1 if schedule._libc() is not None else 0)
+    assert len(os.listdir("/proc/self/fd")) == before + (1 if timerfd.available() else 0)
     await iterator.aclose()
     assert len(os.listdir("/proc/self/fd")) == before

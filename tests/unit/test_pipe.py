@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,10 +21,22 @@ import redis.exceptions
 from redis.asyncio.connection import Connection
 
 from helpers import new_prefix
-from spendgate.domain import UnavailableError
+from spendgate import timerfd
+from spendgate.app import redis_pipe
+from spendgate.domain import InvalidArgumentError, UnavailableError
 from spendgate.metrics import Metrics
+from spendgate.settings import load_settings
 from spendgate.store.keys import Keys
-from spendgate.store.pipe import Encoded, Endpoint, PipeUnsupportedError, RedisPipe, encode_command, flatten
+from spendgate.store.pipe import (
+    BATCH_SIZE_MAX,
+    Encoded,
+    Endpoint,
+    LoopLoad,
+    PipeUnsupportedError,
+    RedisPipe,
+    encode_command,
+    flatten,
+)
 from spendgate.store.redis_store import RedisStore
 
 TIMEOUT_S = 0.2
@@ -330,3 +343,159 @@ def test_encoded_runs_encode_as_their_values() -> None:
     assert flatten(args) == ["EVALSHA", "abc", 4, "key:{a}:1", "7", "\x00raw", "", -5, "ünïcode"]
     assert Encoded(b"\xff\xfe", "").values() == (b"\xff\xfe", "")
     assert encode_command(flatten(args)) == encode_command(args)
+
+
+# Lingering: while the event loop is busy, a lone write waits for company.
+
+
+def pong(command: list[str], connection: int) -> bytes | None:
+    return b"+PONG\r\n"
+
+
+async def _busy_pipe(url: str, linger_s: float) -> RedisPipe:
+    """A connected pipe whose loop counts as busy for the rest of the test (sampling stopped)."""
+    pipe = RedisPipe.from_url(url, timeout_s=5.0, linger_s=linger_s)
+    assert await pipe.execute("PING") == "PONG"
+    assert pipe.load is not None
+    pipe.load.close()
+    pipe.load.busy = True
+    return pipe
+
+
+async def _pings_in_separate_turns(pipe: RedisPipe, count: int) -> list[Any]:
+    """``count`` PINGs, each issued in a turn of the loop of its own (as unary calls reach a server)."""
+    calls = []
+    for _ in range(count):
+        calls.append(asyncio.ensure_future(pipe.execute("PING")))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    return await asyncio.gather(*calls)
+
+
+def test_the_loop_counts_as_busy_from_one_share_and_idle_below_another() -> None:
+    clock = {"cpu": 0.0, "wall": 0.0}
+    loop = asyncio.new_event_loop()
+    try:
+        load = LoopLoad(
+            loop, busy_from=0.6, idle_below=0.45, cpu_clock=lambda: clock["cpu"], wall_clock=lambda: clock["wall"]
+        )
+        seen = []
+        for share in (0.5, 0.7, 0.5, 0.4, 0.5, 0.6):
+            clock["cpu"] += share * 0.1
+            clock["wall"] += 0.1
+            load.sample()
+            seen.append((round(load.share, 3), load.busy))
+        load.close()
+        with pytest.raises(ValueError, match="idle_below"):
+            LoopLoad(loop, busy_from=0.4, idle_below=0.5)
+    finally:
+        loop.close()
+    # Busy from 0.6; busy still at 0.5 (the gap); idle below 0.45, and idle still at 0.5.
+    assert seen == [(0.5, False), (0.7, True), (0.5, True), (0.4, False), (0.5, False), (0.6, True)]
+
+
+async def test_an_idle_loop_sends_each_lone_write_at_once() -> None:
+    async with FakeRedis(pong) as fake:
+        pipe = RedisPipe.from_url(fake.url, timeout_s=5.0, linger_s=1.0)
+        try:
+            await pipe.execute("PING")
+            # Idle for the rest of the test, whatever else this machine runs (sampling stopped).
+            assert pipe.load is not None
+            pipe.load.close()
+            pipe.load.busy = False
+            before = pipe.stats.writes
+            started = time.monotonic()
+            assert await _pings_in_separate_turns(pipe, 3) == ["PONG"] * 3
+            # No linger: a second's linger would show in the time, and the writes are not shared.
+            assert time.monotonic() - started < 0.5
+            assert pipe.stats.writes - before >= 2
+            assert pipe.stats.lingered == 0
+        finally:
+            await pipe.close()
+
+
+@pytest.mark.parametrize("use_timerfd", [True, False], ids=["timerfd", "loop-timer"])
+async def test_a_busy_loop_holds_a_lone_write_until_the_linger_ends(
+    monkeypatch: pytest.MonkeyPatch, use_timerfd: bool
+) -> None:
+    if use_timerfd and not timerfd.available():
+        pytest.skip("timerfd needs Linux")
+    if not use_timerfd:
+        monkeypatch.setattr(timerfd, "available", lambda: False)
+    linger_s = 0.05
+    async with FakeRedis(pong) as fake:
+        pipe = await _busy_pipe(fake.url, linger_s)
+        try:
+            before = (pipe.stats.commands, pipe.stats.writes, pipe.stats.lingered)
+            started = time.monotonic()
+            assert await _pings_in_separate_turns(pipe, 5) == ["PONG"] * 5
+            waited_s = time.monotonic() - started
+            # Five commands from five turns shared one write, which left when the linger ended. (The loop's
+            # own timers may fire up to a millisecond early.)
+            assert (pipe.stats.commands - before[0], pipe.stats.writes - before[1]) == (5, 1)
+            assert pipe.stats.lingered - before[2] == 1
+            assert linger_s - 0.002 <= waited_s < 1.0
+        finally:
+            await pipe.close()
+
+
+async def test_a_full_batch_does_not_wait_out_the_linger() -> None:
+    async with FakeRedis(pong) as fake:
+        pipe = await _busy_pipe(fake.url, linger_s=5.0)
+        try:
+            started = time.monotonic()
+            replies = await asyncio.gather(*(pipe.execute("PING") for _ in range(BATCH_SIZE_MAX)))
+            assert replies == ["PONG"] * BATCH_SIZE_MAX
+            assert time.monotonic() - started < 2.0
+            assert pipe.stats.lingered == 0
+        finally:
+            await pipe.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+async def test_a_lost_connection_closes_its_linger_timer_and_the_next_one_lingers_too() -> None:
+    def hang_up_second(command: list[str], connection: int) -> bytes | None:
+        # The first connection answers the PING that connects it, then hangs up on the next command.
+        return CLOSE if connection == 1 and command == ["ECHO", "bye"] else b"+PONG\r\n"
+
+    async with FakeRedis(hang_up_second) as fake:
+        pipe = await _busy_pipe(fake.url, linger_s=0.01)
+        try:
+            files = len(os.listdir("/proc/self/fd"))
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(pipe.execute("ECHO", "bye"), 2.0)
+            # The lost connection's timer is closed with it (the client socket too).
+            assert len(os.listdir("/proc/self/fd")) <= files - (2 if timerfd.available() else 1)
+            assert await _pings_in_separate_turns(pipe, 3) == ["PONG"] * 3
+            assert pipe.stats.lingered >= 2
+        finally:
+            await pipe.close()
+        assert pipe.load is None
+
+
+def test_the_linger_setting_is_bounded_and_reaches_the_pipe() -> None:
+    with pytest.raises(InvalidArgumentError, match="redis_linger_us"):
+        load_settings({"SPENDGATE_REDIS_LINGER_US": "20000"})
+    with pytest.raises(InvalidArgumentError, match="redis_linger_us"):
+        load_settings({"SPENDGATE_REDIS_LINGER_US": "-1"})
+    with pytest.raises(ValueError, match="linger_s"):
+        RedisPipe.from_url("redis://127.0.0.1:6379/0", linger_s=-0.001)
+
+
+async def test_a_pipe_without_linger_never_samples_the_loop() -> None:
+    async with FakeRedis(pong) as fake:
+        # Off by default.
+        pipe = redis_pipe(load_settings({"SPENDGATE_REDIS_URL": fake.url}))
+        assert pipe is not None
+        try:
+            assert await pipe.execute("PING") == "PONG"
+            assert pipe.load is None
+        finally:
+            await pipe.close()
+        lingering = redis_pipe(load_settings({"SPENDGATE_REDIS_URL": fake.url, "SPENDGATE_REDIS_LINGER_US": "1000"}))
+        assert lingering is not None
+        try:
+            assert await lingering.execute("PING") == "PONG"
+            assert lingering.load is not None
+        finally:
+            await lingering.close()

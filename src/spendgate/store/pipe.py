@@ -10,6 +10,15 @@ in the buffer and leave together, in one write, when its last reply is in (or at
 So under load, concurrent decisions share round trips; every batch's replies arrive together too, and the
 callers they wake answer together.
 
+That alone batches little when calls reach the loop one at a time, as unary gRPC calls do: each finds nothing
+out and leaves alone, and every lone write costs a system call here, a wake-up of Redis and a wake-up of the
+loop for the reply. So while the loop's own thread is busy (:class:`LoopLoad`: the share of its time on a
+CPU, with hysteresis), a write that would leave alone waits up to ``linger_s`` for company first, on a
+``timerfd`` (the loop's own timers count whole milliseconds). A busy loop trades that wait for the CPU the
+lone writes would cost; an idle one never waits, so a call at low load pays no linger. It is off unless asked
+for (``linger_s``; SPENDGATE_REDIS_LINGER_US): in `make bench` it raised the closed-loop unary rate, but a load
+near the loop's limit switches it on and off, and that raised the p99 at half load (README, Performance).
+
 A deadline covers the whole connection rather than each call: a watchdog looks at the oldest unanswered
 command, and once it has waited ``timeout_s`` the connection is declared dead, every waiting caller gets
 :class:`TimeoutError` and the next call reconnects. So a Redis that stops answering costs callers at most
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import time
 import typing
@@ -35,10 +45,17 @@ import hiredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import SSLConnection, parse_url
 
+from spendgate import timerfd
+
 # Commands one write carries at most while an earlier write is still unanswered (a full batch goes out anyway).
 BATCH_SIZE_MAX = 256
 # How often, as a share of the deadline, the watchdog looks at the oldest unanswered command.
 _WATCH_SHARE = 0.25
+# The loop's thread counts as busy from this share of its time on a CPU, and as idle again below the second
+# (a gap, so the linger, which lowers the share, does not switch itself off); sampled every period.
+BUSY_FROM = 0.6
+IDLE_BELOW = 0.45
+LOAD_PERIOD_S = 0.1
 
 
 class PipeUnsupportedError(ValueError):
@@ -165,15 +182,75 @@ class PipeStats:
 
     commands: int = 0
     writes: int = 0
+    # Writes that waited for company (the loop was busy).
+    lingered: int = 0
+
+
+class LoopLoad:
+    """Whether the event loop's thread is busy: the share of each period it spent on a CPU.
+
+    The share comes from the thread's own CPU clock (``time.thread_time``), read on the loop's thread every
+    ``period_s``; ``busy`` turns on from ``busy_from`` and off below ``idle_below``. Create it on the loop.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        period_s: float = LOAD_PERIOD_S,
+        busy_from: float = BUSY_FROM,
+        idle_below: float = IDLE_BELOW,
+        cpu_clock: typing.Callable[[], float] = time.thread_time,
+        wall_clock: typing.Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < idle_below <= busy_from:
+            raise ValueError("LoopLoad needs 0 < idle_below <= busy_from")
+        self.busy = False
+        self.share = 0.0
+        self._loop = loop
+        self._period_s = period_s
+        self._busy_from = busy_from
+        self._idle_below = idle_below
+        self._cpu_clock = cpu_clock
+        self._wall_clock = wall_clock
+        self._cpu = cpu_clock()
+        self._wall = wall_clock()
+        self._handle = loop.call_later(period_s, self.sample)
+
+    def sample(self) -> None:
+        """Measure the share since the last sample and schedule the next one."""
+        cpu, wall = self._cpu_clock(), self._wall_clock()
+        if wall > self._wall:
+            self.share = (cpu - self._cpu) / (wall - self._wall)
+            self.busy = self.share >= (self._idle_below if self.busy else self._busy_from)
+        self._cpu, self._wall = cpu, wall
+        self._handle.cancel()
+        self._handle = self._loop.call_later(self._period_s, self.sample)
+
+    def close(self) -> None:
+        """Stop sampling."""
+        self._handle.cancel()
 
 
 class _Connection(asyncio.Protocol):
     """One TCP or Unix connection: a FIFO of waiting futures matched to replies in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, stats: PipeStats) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout_s: float,
+        stats: PipeStats,
+        load: LoopLoad | None = None,
+        linger_s: float = 0.0,
+    ) -> None:
         self._loop = loop
         self._timeout_s = timeout_s
         self._stats = stats
+        self._load = load
+        self._linger_s = linger_s
+        # While a write waits for company: the buffer leaves when the timer fires (or at once when full).
+        self._lingering = False
+        self._timer: timerfd.TimerFd | None = None
         self._transport: asyncio.Transport | None = None
         # Error replies become redis-py's exception classes by redis-py's own table, as its hiredis parser does
         # (NOSCRIPT: NoScriptError; LOADING, READONLY: errors the store treats as an outage).
@@ -233,18 +310,46 @@ class _Connection(asyncio.Protocol):
             raise ConnectionError("redis connection is closed")
         future = self._loop.create_future()
         self._waiting.append((future, time.monotonic()))
-        self._buffer.append(command)
-        if not self._flush_scheduled and (self._unanswered == 0 or len(self._buffer) >= BATCH_SIZE_MAX):
-            # Nothing out (or a full batch): write at the end of this turn, with whatever else the turn adds.
-            # Otherwise the replies of the batch that is out will flush this one (see data_received).
-            self._flush_scheduled = True
+        buffer = self._buffer
+        buffer.append(command)
+        if not self._flush_scheduled:
+            if self._unanswered == 0 and len(buffer) < BATCH_SIZE_MAX and self._load is not None and self._load.busy:
+                # Nothing out and the loop busy: wait up to the linger for more commands to share the write.
+                self._flush_scheduled = True
+                self._linger()
+            elif self._unanswered == 0 or len(buffer) >= BATCH_SIZE_MAX:
+                # Nothing out (or a full batch): write at the end of this turn, with whatever else the turn adds.
+                # Otherwise the replies of the batch that is out will flush this one (see data_received).
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        elif self._lingering and len(buffer) >= BATCH_SIZE_MAX:
+            # A full batch does not wait out the linger.
+            self._lingering = False
             self._loop.call_soon(self._flush)
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self._timeout_s * _WATCH_SHARE, self._watch)
         return future
 
+    def _linger(self) -> None:
+        self._lingering = True
+        if self._timer is None and timerfd.available():
+            # Out of file descriptors, say: the loop's own (coarser) timer will do.
+            with contextlib.suppress(OSError):
+                self._timer = timerfd.TimerFd(self._loop, self._lingered)
+        if self._timer is not None:
+            self._timer.arm_in(self._linger_s)
+        else:
+            self._loop.call_later(self._linger_s, self._lingered)
+
+    def _lingered(self) -> None:
+        # A timer left over from a linger a full batch cut short may fire early; it only sends early.
+        if self._lingering:
+            self._stats.lingered += 1
+            self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._lingering = False
         if self._buffer and self._transport is not None and not self.closed:
             self._stats.commands += len(self._buffer)
             self._stats.writes += 1
@@ -265,9 +370,13 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        self._lingering = False
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         waiting, self._waiting = self._waiting, collections.deque()
         self._buffer.clear()
         for future, _ in waiting:
@@ -284,17 +393,22 @@ class _Connection(asyncio.Protocol):
 class RedisPipe:
     """Pipelined commands over one connection, reconnected on demand; see the module docstring."""
 
-    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 0.25) -> None:
+    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 0.25, linger_s: float = 0.0) -> None:
+        if linger_s < 0:
+            raise ValueError("linger_s must not be negative")
         self._endpoint = endpoint
         self._timeout_s = timeout_s
+        self._linger_s = linger_s
+        # Made on the loop at the first connection when lingering is on; kept across reconnections.
+        self.load: LoopLoad | None = None
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
         self.stats = PipeStats()
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 0.25) -> RedisPipe:
+    def from_url(cls, url: str, *, timeout_s: float = 0.25, linger_s: float = 0.0) -> RedisPipe:
         """A pipe to the Redis at ``url``."""
-        return cls(Endpoint.from_url(url), timeout_s=timeout_s)
+        return cls(Endpoint.from_url(url), timeout_s=timeout_s, linger_s=linger_s)
 
     async def execute(self, *args: str | bytes | int) -> Any:
         """Run one command and return its reply (redis-py's exception classes for error replies)."""
@@ -321,15 +435,17 @@ class RedisPipe:
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         endpoint = self._endpoint
+        if self._linger_s > 0 and self.load is None:
+            self.load = LoopLoad(loop)
+
+        def protocol() -> _Connection:
+            return _Connection(loop, self._timeout_s, self.stats, self.load, self._linger_s)
+
         async with asyncio.timeout(self._timeout_s * 4):
             if endpoint.path:
-                _, connection = await loop.create_unix_connection(
-                    lambda: _Connection(loop, self._timeout_s, self.stats), endpoint.path
-                )
+                _, connection = await loop.create_unix_connection(protocol, endpoint.path)
             else:
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._timeout_s, self.stats), endpoint.host, endpoint.port
-                )
+                _, connection = await loop.create_connection(protocol, endpoint.host, endpoint.port)
             try:
                 if endpoint.password:
                     auth = [endpoint.username, endpoint.password] if endpoint.username else [endpoint.password]
@@ -343,7 +459,10 @@ class RedisPipe:
         return connection
 
     async def close(self) -> None:
-        """Close the connection (callers still waiting fail)."""
+        """Close the connection (callers still waiting fail) and stop sampling the loop's load."""
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+        if self.load is not None:
+            self.load.close()
+            self.load = None
