@@ -33,7 +33,7 @@ class Settings:
     # redis-py's pool; TLS URLs always use redis-py. Off is for comparing the two.
     redis_pipe: bool = True
     # How long, at most, the pipe holds a lone write for company while the event loop is busy (store/pipe.py):
-    # fewer, larger round trips at saturation, never a wait at low load; 0 (the default) is off. It raised
+    # fewer, larger round trips at saturation, no wait at a steady low load; 0 (the default) is off. It raised
     # closed-loop unary throughput in `make bench` but lengthened the tail near the loop's limit (README).
     redis_linger_us: int = 0
     key_prefix: str = "sg"

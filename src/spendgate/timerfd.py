@@ -78,7 +78,11 @@ class TimerFd:
             raise OSError(error, f"timerfd_create: {os.strerror(error)}")
         self._delay_s = 0.0
         self._delay_spec = _spec(0.0)
-        loop.add_reader(self._fd, self._fired)
+        try:
+            loop.add_reader(self._fd, self._fired)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def _fired(self) -> None:
         try:
@@ -103,8 +107,11 @@ class TimerFd:
         self._set(0, self._delay_spec)
 
     def close(self) -> None:
-        """Stop watching the timer and close it."""
+        """Stop watching the timer and close it (again: nothing; its number may belong to another file by then)."""
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
         try:
-            self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(fd)
         finally:
-            os.close(self._fd)
+            os.close(fd)

@@ -15,7 +15,8 @@ out and leaves alone, and every lone write costs a system call here, a wake-up o
 loop for the reply. So while the loop's own thread is busy (:class:`LoopLoad`: the share of its time on a
 CPU, with hysteresis), a write that would leave alone waits up to ``linger_s`` for company first, on a
 ``timerfd`` (the loop's own timers count whole milliseconds). A busy loop trades that wait for the CPU the
-lone writes would cost; an idle one never waits, so a call at low load pays no linger. It is off unless asked
+lone writes would cost. The load is sampled every 100 ms, so calls just after a burst may still wait; at a
+steady low load none does. It is off unless asked
 for (``linger_s``; SPENDGATE_REDIS_LINGER_US): in `make bench` it raised the closed-loop unary rate, but a load
 near the loop's limit switches it on and off, and that raised the p99 at half load (README, Performance).
 
@@ -218,12 +219,14 @@ class LoopLoad:
         self._handle = loop.call_later(period_s, self.sample)
 
     def sample(self) -> None:
-        """Measure the share since the last sample and schedule the next one."""
+        """Measure the share since the last sample, and schedule the next one."""
         cpu, wall = self._cpu_clock(), self._wall_clock()
-        if wall > self._wall:
+        # A window much shorter than the period (a sample asked for just after the timer's) says little: its
+        # time goes into the next one.
+        if wall - self._wall >= self._period_s / 2:
             self.share = (cpu - self._cpu) / (wall - self._wall)
             self.busy = self.share >= (self._idle_below if self.busy else self._busy_from)
-        self._cpu, self._wall = cpu, wall
+            self._cpu, self._wall = cpu, wall
         self._handle.cancel()
         self._handle = self._loop.call_later(self._period_s, self.sample)
 
@@ -251,6 +254,8 @@ class _Connection(asyncio.Protocol):
         # While a write waits for company: the buffer leaves when the timer fires (or at once when full).
         self._lingering = False
         self._timer: timerfd.TimerFd | None = None
+        # The loop's timer, where there is no timerfd.
+        self._linger_handle: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         # Error replies become redis-py's exception classes by redis-py's own table, as its hiredis parser does
         # (NOSCRIPT: NoScriptError; LOADING, READONLY: errors the store treats as an outage).
@@ -337,12 +342,15 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 self._timer = timerfd.TimerFd(self._loop, self._lingered)
         if self._timer is not None:
-            self._timer.arm_in(self._linger_s)
-        else:
-            self._loop.call_later(self._linger_s, self._lingered)
+            try:
+                self._timer.arm_in(self._linger_s)
+                return
+            except OSError:
+                self._timer.close()
+                self._timer = None
+        self._linger_handle = self._loop.call_later(self._linger_s, self._lingered)
 
     def _lingered(self) -> None:
-        # A timer left over from a linger a full batch cut short may fire early; it only sends early.
         if self._lingering:
             self._stats.lingered += 1
             self._flush()
@@ -350,6 +358,9 @@ class _Connection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._lingering = False
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
         if self._buffer and self._transport is not None and not self.closed:
             self._stats.commands += len(self._buffer)
             self._stats.writes += 1
@@ -377,6 +388,9 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.close()
             self._timer = None
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
         waiting, self._waiting = self._waiting, collections.deque()
         self._buffer.clear()
         for future, _ in waiting:
