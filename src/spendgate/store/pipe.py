@@ -355,12 +355,15 @@ class _Connection(asyncio.Protocol):
             self._stats.lingered += 1
             self._flush()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
+    def _end_linger(self) -> None:
         self._lingering = False
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._end_linger()
         if self._buffer and self._transport is not None and not self.closed:
             self._stats.commands += len(self._buffer)
             self._stats.writes += 1
@@ -381,16 +384,13 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
-        self._lingering = False
+        self._end_linger()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         if self._timer is not None:
             self._timer.close()
             self._timer = None
-        if self._linger_handle is not None:
-            self._linger_handle.cancel()
-            self._linger_handle = None
         waiting, self._waiting = self._waiting, collections.deque()
         self._buffer.clear()
         for future, _ in waiting:
