@@ -15,7 +15,8 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -31,7 +32,7 @@ from spendgate.admin import AdminCore
 from spendgate.api.admin import AdminServicer
 from spendgate.api.auth import Authenticator, issue_token, new_secret
 from spendgate.api.billing import BillingServicer
-from spendgate.api.guard import add_guarded
+from spendgate.api.guard import add_generic_only, add_guarded
 from spendgate.api.spend import SpendServicer
 from spendgate.clock import Clock, SystemClock, pause
 from spendgate.core import SpendCore
@@ -360,6 +361,8 @@ async def create_server(
         size_max_bytes=size_max,
         observe=metrics.observe_rpc,
     )
+    # Only SpendService (the hot path) and health are registered methods; the rest are served through generic
+    # handlers, which cost a call nothing until it is theirs (see add_generic_only).
     add_guarded(
         server,
         admin_pb2_grpc.add_AdminServiceServicer_to_server,
@@ -367,6 +370,7 @@ async def create_server(
         size_max_bytes=size_max,
         size_max_bytes_by_method={"ApplyPlan": settings.plan_size_max_bytes},
         observe=metrics.observe_rpc,
+        registered=False,
     )
     services = [SPEND_SERVICE, ADMIN_SERVICE]
     if ledger is not None:
@@ -378,12 +382,18 @@ async def create_server(
             BillingServicer(ledger, store, auth, lag_reader),
             size_max_bytes=size_max,
             observe=metrics.observe_rpc,
+            registered=False,
         )
         services.append(BILLING_SERVICE)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    # reflection.enable_server_reflection, but served through the generic handler only (see add_generic_only).
+    add_generic_only(
+        server,
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+        ReflectionServicer(
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        ),
     )
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert_file:

@@ -105,12 +105,14 @@ def add_guarded(
     size_max_bytes: int,
     size_max_bytes_by_method: dict[str, int] | None = None,
     observe: Observer | None = None,
+    registered: bool = True,
 ) -> None:
     """Register ``servicer`` with the generated function ``add``, its handlers guarded against bad bytes.
 
     Each request is bounded by ``size_max_bytes`` unless its method has a bound of its own (plans are large;
     authorizations are not). The transport's own bound must be the largest of them. ``observe(method, code,
     seconds)`` is told how long each unary call took (the RPC latency metric), at the cost of two clock reads.
+    ``registered=False`` serves the methods through the generic handler only (see :func:`add_generic_only`).
     """
     capture = _Capture()
     add(servicer, capture)
@@ -120,5 +122,30 @@ def add_guarded(
         for method, handler in capture.handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
-    # grpcio has had this method since 1.63; the type stubs predate it.
-    server.add_registered_method_handlers(capture.service, handlers)  # type: ignore[attr-defined]
+    if registered:
+        # grpcio has had this method since 1.63; the type stubs predate it.
+        server.add_registered_method_handlers(capture.service, handlers)  # type: ignore[attr-defined]
+
+
+class _GenericOnly:
+    """A server as an ``add_*_to_server`` function sees it, that keeps only the generic handlers."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Pass the generic handlers on."""
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Drop them: the generic handlers serve the same methods."""
+
+
+def add_generic_only(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: Any) -> None:
+    """Register ``servicer`` with the generated function ``add`` as generic handlers only, for rarely called services.
+
+    grpc.aio keeps one pending request per registered method and waits on all of them (``asyncio.wait``) for
+    every call it accepts, so each registered method costs every call, hot or not, a little CPU. A method
+    served only through the generic handler costs nothing until it is called, and then a lookup by name.
+    """
+    add(servicer, _GenericOnly(server))
