@@ -115,34 +115,38 @@ end
 
 -- Append a settled transaction to the account's ledger outbox. The entry carries everything billing needs;
 -- the stream is never trimmed here (the ledger writer trims only what it has acknowledged).
-local function outbox_add(outbox_key, t)
-  local chain = split(t.chain, ',')
-  local wins = split(t.windows, ',')
+-- The fields in order: txn_id, account_id, wallet_id, chain, amount_micros (captured), authorized_micros,
+-- currency, service, metadata, authorized_at_ms, captured_at_ms, day, week, month, idempotency_key,
+-- capture_idempotency_key. Positional, so an authorization adds its entry without building a table or
+-- splitting the chain and window ids it already has.
+local function outbox_add(outbox_key, txn, account_id, wallet, chain, captured, authorized, currency, service,
+    metadata, authorized_at, captured_at, day, week, month, key, capture_key)
   return redis.call('XADD', outbox_key, '*',
-    'txn_id', t.txn,
-    'account_id', chain[#chain],
-    'wallet_id', t.wallet,
-    'chain', t.chain,
-    'amount_micros', t.captured,
-    'authorized_micros', t.authorized,
-    'currency', t.currency,
-    'service', t.service,
-    'metadata', t.metadata,
-    'authorized_at_ms', t.authorized_at,
-    'captured_at_ms', t.captured_at,
-    'day', wins[1],
-    'week', wins[2],
-    'month', wins[3],
-    'idempotency_key', t.key,
-    'capture_idempotency_key', t.capture_key or '')
+    'txn_id', txn,
+    'account_id', account_id,
+    'wallet_id', wallet,
+    'chain', chain,
+    'amount_micros', captured,
+    'authorized_micros', authorized,
+    'currency', currency,
+    'service', service,
+    'metadata', metadata,
+    'authorized_at_ms', authorized_at,
+    'captured_at_ms', captured_at,
+    'day', day,
+    'week', week,
+    'month', month,
+    'idempotency_key', key,
+    'capture_idempotency_key', capture_key)
 end
 
 -- The same, for a hold captured after its authorization: the entry is built from the hold's record.
 local function outbox_append(outbox_key, hold_key, txn_id, captured, now_ms)
   local h = redis.call('HMGET', hold_key, 'ids', 'wal', 'amt', 'cur', 'svc', 'md', 'at', 'win', 'ik', 'ck')
-  return outbox_add(outbox_key, {txn = txn_id, chain = h[1], wallet = h[2], captured = captured,
-    authorized = h[3], currency = h[4], service = h[5], metadata = h[6], authorized_at = h[7],
-    captured_at = now_ms, windows = h[8], key = h[9], capture_key = h[10] or ''})
+  local chain = split(h[1], ',')
+  local wins = split(h[8], ',')
+  return outbox_add(outbox_key, txn_id, chain[#chain], h[2], h[1], captured, h[3], h[4], h[5], h[6], h[7], now_ms,
+    wins[1], wins[2], wins[3], h[9], h[10] or '')
 end
 
 -- Event kinds of the live feed (the values of spendgate.v1.EventKind).

@@ -324,9 +324,8 @@ if reason == 0 then
     hold_state, captured = CAPTURED, amount
     call('HSET', hold_key, 'st', '2', 'amt', amount_str, 'cap', amount_str, 'ck', ARGV[17], 'wal', ids[1])
     call('PEXPIRE', hold_key, ARGV[10])
-    outbox_add(KEYS[2], {txn = authorization_id, chain = chain_ids, wallet = ids[1], captured = amount_str,
-      authorized = amount_str, currency = ARGV[4], service = service, metadata = ARGV[16], authorized_at = now_ms,
-      captured_at = now_ms, windows = day .. ',' .. week .. ',' .. month, key = ARGV[17], capture_key = ARGV[17]})
+    outbox_add(KEYS[2], authorization_id, ids[chain_length], ids[1], chain_ids, amount_str, amount_str, ARGV[4],
+      service, ARGV[16], now_ms, now_ms, day, week, month, ARGV[17], ARGV[17])
   else
     local expires_at = tonumber(now_ms) + tonumber(ARGV[8])
     hold_state, hold_expires_at = HELD, expires_at
