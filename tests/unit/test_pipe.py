@@ -537,3 +537,28 @@ async def test_a_pipe_without_linger_never_samples_the_loop() -> None:
             assert lingering.load is not None
         finally:
             await lingering.close()
+
+
+async def test_a_closed_pipe_refuses_calls_and_samples_no_more() -> None:
+    async with FakeRedis(pong) as fake:
+        pipe = RedisPipe.from_url(fake.url, timeout_s=5.0, linger_s=0.001)
+        assert await pipe.execute("PING") == "PONG"
+        connections = fake.connections
+        await pipe.close()
+        with pytest.raises(ConnectionError, match="closed"):
+            await pipe.execute("PING")
+        # Neither a new connection nor a new load sampler.
+        assert fake.connections == connections
+        assert pipe.load is None
+
+
+async def test_a_pipe_closed_while_connecting_drops_the_new_connection() -> None:
+    async with FakeRedis(pong) as fake:
+        pipe = RedisPipe.from_url(fake.url, timeout_s=5.0)
+        call = asyncio.ensure_future(pipe.execute("PING"))
+        await asyncio.sleep(0)  # The call is connecting.
+        await pipe.close()
+        with pytest.raises(ConnectionError, match="closed"):
+            await call
+        with pytest.raises(ConnectionError, match="closed"):
+            await pipe.execute("PING")

@@ -417,6 +417,8 @@ class RedisPipe:
         self.load: LoopLoad | None = None
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
+        # Set by close(): the pipe neither reconnects nor samples the loop again.
+        self._closed = False
         self.stats = PipeStats()
 
     @classmethod
@@ -432,6 +434,8 @@ class RedisPipe:
         """Run one command already encoded with :func:`encode_command`."""
         connection = self._connection
         if connection is None or connection.closed:
+            if self._closed:
+                raise ConnectionError("redis pipe closed")
             connection = await self._connect()
         return await connection.send(command)
 
@@ -469,11 +473,15 @@ class RedisPipe:
             except BaseException:
                 connection.close()
                 raise
+        if self._closed:  # Closed while the connection was being made.
+            connection.close()
+            raise ConnectionError("redis pipe closed")
         self._connection = connection
         return connection
 
     async def close(self) -> None:
-        """Close the connection (callers still waiting fail) and stop sampling the loop's load."""
+        """Close the connection (callers still waiting fail) and stop sampling the loop's load; later calls fail."""
+        self._closed = True
         if self._connection is not None:
             self._connection.close()
             self._connection = None
