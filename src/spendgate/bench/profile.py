@@ -17,6 +17,10 @@ _LINE = re.compile(r":\d+\)$")
 TOP_DEFAULT = 15
 # Leaves that mean a thread was waiting, not working.
 _IDLE_LEAVES = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_wait", "pthread_cond_timedwait")
+# The same waits seen from above: py-spy often cannot name the libc frames under them (a bare address), so the
+# first frame above the libc ones says it (a thread-pool worker blocked on its queue, say).
+_WAITS = (*_IDLE_LEAVES, "PyThread_acquire_lock_timed", "sem_wait", "sem_timedwait", "sem_clockwait")
+_LIBC = "(libc.so"
 # Path fragments of frames, deepest match wins; the first entry that matches a frame names its area.
 _AREAS = (
     ("(spendgate/ledger/", "spendgate ledger writer"),
@@ -64,9 +68,19 @@ def _function(frame: str) -> str:
     return _LINE.sub(")", frame.strip())
 
 
+def waiting(frames: list[str]) -> bool:
+    """Whether a sample's thread was waiting (for events, a lock, a queue) rather than working."""
+    if frames and frames[-1].startswith(_IDLE_LEAVES):
+        return True
+    for frame in reversed(frames):
+        if _LIBC not in frame:
+            return frame.startswith(_WAITS)
+    return False
+
+
 def area_of(frames: list[str]) -> str:
     """The area one sample's time belongs to (see the module's docstring)."""
-    if frames and frames[-1].startswith(_IDLE_LEAVES):
+    if waiting(frames):
         return IDLE
     for frame in reversed(frames):
         if any(part in frame for part in _NEUTRAL):
@@ -92,8 +106,11 @@ def summarise(raw: str, top: int = TOP_DEFAULT) -> dict[str, object]:
         if not frames:
             continue
         samples += count
+        area = area_of(frames)
+        areas[area] += count
+        if area == IDLE:
+            continue
         own[frames[-1]] += count
-        areas[area_of(frames)] += count
         for function in set(frames):
             anywhere[function] += count
 
@@ -105,9 +122,6 @@ def summarise(raw: str, top: int = TOP_DEFAULT) -> dict[str, object]:
             return []
         return [(name, round(100 * count / busy, 1)) for name, count in counter.most_common(limit)]
 
-    for name in list(own):
-        if name.startswith(_IDLE_LEAVES):
-            del own[name]
     return {
         "samples": samples,
         "idle_percent": round(100 * idle / samples, 1) if samples else 0.0,
