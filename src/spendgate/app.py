@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+# The servicer enable_server_reflection uses on grpc.aio (reflection.aio names it too, without exporting it).
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from redis.backoff import NoBackoff
 from redis.retry import Retry

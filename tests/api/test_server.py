@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from helpers import eventually, free_port
 from spendgate import AsyncClient
-from spendgate._gen.spendgate.v1 import spend_pb2, spend_pb2_grpc
+from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, spend_pb2_grpc
 from spendgate.app import create_server
 from spendgate.clock import ManualClock
 from spendgate.settings import Settings
@@ -73,8 +73,40 @@ async def test_reflection_describes_the_spend_service(gate: Gate) -> None:
 
     assert SPEND_SERVICE in services
     assert "grpc.health.v1.Health" in services
+    # Served through generic handlers only, and still listed.
+    assert "spendgate.v1.AdminService" in services
+    assert "grpc.reflection.v1alpha.ServerReflection" in services
     assert {"Authorize", "Capture", "Void", "GetBudget"} <= set(methods)
     assert authorize_input == "spendgate.v1.AuthorizeRequest"
+
+
+async def test_only_the_spend_service_and_health_are_registered_methods(
+    monkeypatch: pytest.MonkeyPatch, clock: ManualClock, key_prefix: str, tmp_path: pathlib.Path
+) -> None:
+    # grpc.aio waits on a pending request per registered method for every call it accepts: the rarely called
+    # services (admin, billing, reflection) are served through generic handlers only.
+    registered: list[str] = []
+    original = grpc.aio._server.Server.add_registered_method_handlers
+
+    def record(self: Any, service: str, handlers: dict[str, Any]) -> None:
+        registered.append(service)
+        original(self, service, handlers)
+
+    monkeypatch.setattr(grpc.aio._server.Server, "add_registered_method_handlers", record)
+    settings = Settings(port=0, plan=str(FLEET), key_prefix=key_prefix, ledger=True, data_dir=str(tmp_path))
+    server = await create_server(settings, clock=clock, client=fakeredis.FakeAsyncRedis(decode_responses=True))
+    await server.start()
+    try:
+        assert server.ledger is not None  # So BillingService is served too.
+        assert sorted(registered) == ["grpc.health.v1.Health", SPEND_SERVICE]
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            # A generic-only service still answers.
+            tree = await admin_pb2_grpc.AdminServiceStub(channel).GetTree(
+                admin_pb2.GetTreeRequest(), timeout=CALL_TIMEOUT_S
+            )
+            assert any(node.budget.node_id == "acme" for node in tree.nodes)
+    finally:
+        await server.stop(grace_s=0)
 
 
 async def test_an_in_flight_call_completes_during_graceful_shutdown(clock: ManualClock, key_prefix: str) -> None:

@@ -552,13 +552,17 @@ async def test_a_closed_pipe_refuses_calls_and_samples_no_more() -> None:
         assert pipe.load is None
 
 
-async def test_a_pipe_closed_while_connecting_drops_the_new_connection() -> None:
+@pytest.mark.parametrize("turns", [0, 1, 2], ids=["before-the-attempt", "as-it-starts", "while-connecting"])
+async def test_a_pipe_closed_while_connecting_drops_the_new_connection(turns: int) -> None:
     async with FakeRedis(pong) as fake:
-        pipe = RedisPipe.from_url(fake.url, timeout_s=5.0)
+        pipe = RedisPipe.from_url(fake.url, timeout_s=5.0, linger_s=0.001)
         call = asyncio.ensure_future(pipe.execute("PING"))
-        await asyncio.sleep(0)  # The call is connecting.
+        for _ in range(turns):
+            await asyncio.sleep(0)
         await pipe.close()
         with pytest.raises(ConnectionError, match="closed"):
             await call
         with pytest.raises(ConnectionError, match="closed"):
             await pipe.execute("PING")
+        # No load sampler is left running.
+        assert pipe.load is None

@@ -451,6 +451,8 @@ class RedisPipe:
                 self._connecting = None
 
     async def _open(self) -> _Connection:
+        if self._closed:  # Closed before this attempt began.
+            raise ConnectionError("redis pipe closed")
         loop = asyncio.get_running_loop()
         endpoint = self._endpoint
         if self._linger_s > 0 and self.load is None:
@@ -475,6 +477,9 @@ class RedisPipe:
                 raise
         if self._closed:  # Closed while the connection was being made.
             connection.close()
+            if self.load is not None:
+                self.load.close()
+                self.load = None
             raise ConnectionError("redis pipe closed")
         self._connection = connection
         return connection
