@@ -475,11 +475,8 @@ class RedisPipe:
             except BaseException:
                 connection.close()
                 raise
-        if self._closed:  # Closed while the connection was being made.
+        if self._closed:  # Closed while the connection was being made (close() stopped the sampler).
             connection.close()
-            if self.load is not None:
-                self.load.close()
-                self.load = None
             raise ConnectionError("redis pipe closed")
         self._connection = connection
         return connection
