@@ -18,8 +18,9 @@ TOP_DEFAULT = 15
 # Leaves that mean a thread was waiting, not working.
 _IDLE_LEAVES = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_wait", "pthread_cond_timedwait")
 # The same waits seen from above: py-spy often cannot name the libc frames under them (a bare address), so the
-# first frame above the libc ones says it (a thread-pool worker blocked on its queue, say).
-_WAITS = (*_IDLE_LEAVES, "PyThread_acquire_lock_timed", "sem_wait", "sem_timedwait", "sem_clockwait")
+# first frame above the libc ones says it (a thread-pool worker blocked on its queue, say). Frames in libc are
+# passed over, so only waits named outside it belong here.
+_WAITS = (*_IDLE_LEAVES, "PyThread_acquire_lock_timed")
 _LIBC = "(libc.so"
 # Path fragments of frames, deepest match wins; the first entry that matches a frame names its area.
 _AREAS = (
