@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -22,7 +23,7 @@ from spendgate._gen.spendgate.v1 import spend_pb2
 from spendgate.bench.check import CheckResult, violations_of
 from spendgate.bench.fleet import generate_fleet
 from spendgate.bench.report import rounds_table
-from spendgate.bench.servers import find_redis_server
+from spendgate.bench.servers import RedisServer, find_redis_server
 from spendgate.bench.wire import authorize_prefix, authorize_request, stream_request
 from spendgate.cli import cli
 from spendgate.domain import NodeBudget, NodeKind, Window, WindowBudget
@@ -65,6 +66,31 @@ def test_cli_has_the_bench_command() -> None:
     assert "--client [h2|grpc]" in result.output
 
 
+@pytest.mark.parametrize("unix_socket", [True, False], ids=["unix-socket", "tcp"])
+def test_the_benchmark_redis_is_reached_by_its_url_and_leaves_no_socket_behind(unix_socket: bool) -> None:
+    binary = find_redis_server()
+    if not binary:
+        assert not in_ci(), "redis-server is missing: the benchmark's Redis cannot be tested in CI"
+        pytest.skip("REDIS-SERVER IS MISSING: the benchmark's own Redis was not tested")
+    server = RedisServer(binary, unix_socket=unix_socket)
+    try:
+        assert server.url.startswith("unix://" if unix_socket else "redis://127.0.0.1:")
+        client = redis.Redis.from_url(server.url, socket_timeout=5.0)
+        try:
+            client.set("bench:test", "1")
+            assert client.get("bench:test") == b"1"
+        finally:
+            client.close()
+        socket_path = pathlib.Path(server.url.removeprefix("unix://").partition("?")[0])
+        if unix_socket:
+            assert socket_path.is_socket()
+            assert socket_path.stat().st_mode & 0o777 == 0o700, "only the benchmark's user may use the socket"
+    finally:
+        server.stop()
+    if unix_socket:
+        assert not socket_path.parent.exists(), "the socket's directory is removed with the server"
+
+
 @pytest.mark.slow
 def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib.Path) -> None:
     output = tmp_path / "bench.json"
@@ -77,6 +103,9 @@ def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib
     assert completed.returncode == 0, completed.stdout + completed.stderr
     figures = json.loads(output.read_text())
     assert figures["options"]["client"] == "h2", "the benchmark's own HTTP/2 client is the default"
+    if find_redis_server():
+        assert figures["system"]["redis_server"]["url"].startswith("redis://127.0.0.1:"), "TCP is the default"
+        assert "Redis over TCP (loopback)" in completed.stdout
 
     # The redis phase needs a redis-server binary; CI has one, so there its absence is a failure, not a skip.
     assert find_redis_server() or not in_ci(), "redis-server is missing: the redis phase cannot run in CI"

@@ -143,6 +143,15 @@ def _phases(text: str) -> tuple[str, ...]:
 @click.option(
     "--redis-server", default="", help="The redis-server binary to start for the benchmark [default: found on PATH]."
 )
+@click.option(
+    "--redis-socket",
+    type=click.Choice(["tcp", "unix"]),
+    default="tcp",
+    show_default=True,
+    help="How the server and the generators reach the benchmark's own Redis: TCP on loopback (as a Redis on "
+    "another machine is reached), or a Unix socket (as a Redis on the server's own machine can be). Not used "
+    "with --target.",
+)
 @click.option("--json", "json_path", default="", help="Write every figure to this file as JSON.")
 @click.option(
     "--work-dir", default="", help="Where generated plans and server logs go [default: a new temporary directory]."
@@ -206,6 +215,7 @@ def bench_command(
     phases_text: str,
     timeout_s: float,
     redis_server: str,
+    redis_socket: str,
     json_path: str,
     work_dir: str,
     py_spy_dir: str,
@@ -248,6 +258,7 @@ def bench_command(
             phases=_phases(phases_text),
             timeout_s=timeout_s,
             redis_server=redis_server,
+            redis_unix_socket=redis_socket == "unix",
             json_path=json_path,
             work_dir=work_dir,
             py_spy_dir=py_spy_dir,

@@ -140,6 +140,14 @@ def _capture_line(result: PhaseResult) -> str:
     )
 
 
+def _redis_transport(system: dict[str, Any]) -> str:
+    """How the server reached the benchmark's own Redis ('' when this run started none)."""
+    url = system.get("redis_server", {}).get("url", "")
+    if not url:
+        return ""
+    return ", Redis over a Unix socket" if url.startswith("unix:") else ", Redis over TCP (loopback)"
+
+
 def print_report(report: BenchReport, console: Console) -> None:
     """Print the whole report."""
     system = report.system
@@ -153,7 +161,7 @@ def print_report(report: BenchReport, console: Console) -> None:
         f"{fleet.get('wallets'):,} wallets), {options.processes} generator processes "
         f"({_CLIENT_NAMES[options.client]}), "
         f"{options.duration_s:g} s per phase after {options.warmup_s:g} s warm-up, "
-        f"{system.get('machine', {}).get('cpus')} CPUs",
+        f"{system.get('machine', {}).get('cpus')} CPUs" + _redis_transport(system),
         highlight=False,
     )
     console.print(phase_table(report))

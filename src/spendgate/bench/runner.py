@@ -119,6 +119,8 @@ class BenchOptions:
     phases: tuple[str, ...] = DEFAULT_PHASES
     timeout_s: float = 5.0
     redis_server: str = ""
+    # Whether the server and the generators reach the benchmark's Redis over a Unix socket (else TCP).
+    redis_unix_socket: bool = False
     json_path: str = ""
     work_dir: str = ""
     py_spy_dir: str = ""
@@ -660,8 +662,13 @@ class Bench:
         self._describe_system(fleet)
         binary = find_redis_server(options.redis_server)
         if binary:
-            self.redis = RedisServer(binary)
-            self.report.system["redis_server"] = {"binary": binary, "port": self.redis.port, "pid": self.redis.pid}
+            self.redis = RedisServer(binary, unix_socket=options.redis_unix_socket)
+            self.report.system["redis_server"] = {
+                "binary": binary,
+                "port": self.redis.port,
+                "pid": self.redis.pid,
+                "url": self.redis.url,
+            }
         self.pool = GeneratorPool(options.processes)
         finished = False
         try:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -86,14 +87,26 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 class RedisServer:
-    """A redis-server process of the benchmark's own, without persistence."""
+    """A redis-server process of the benchmark's own, without persistence.
 
-    def __init__(self, binary: str) -> None:
+    It listens on a TCP port on loopback, and with ``unix_socket`` on a Unix socket too, which :attr:`url` (what
+    the server and the generators connect to) then names. The benchmark's own checks use the port either way.
+    """
+
+    def __init__(self, binary: str, *, unix_socket: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        socket_options: list[str] = []
+        # A directory of its own for the socket: a path of at most 107 bytes, which nobody else writes to.
+        self._socket_dir = tempfile.mkdtemp(prefix="spendgate-redis-") if unix_socket else ""
+        if self._socket_dir:
+            socket_path = os.path.join(self._socket_dir, "redis.sock")
+            socket_options = ["--unixsocket", socket_path, "--unixsocketperm", "700"]
+            self.url = f"unix://{socket_path}?db=0"
         self._process = subprocess.Popen(  # noqa: S603 - the binary is the operator's redis-server
             [
                 binary,
+                *socket_options,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -116,6 +129,7 @@ class RedisServer:
                 break
             except redis.exceptions.ConnectionError:
                 if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
 
@@ -148,9 +162,11 @@ class RedisServer:
         return calls, usec
 
     def stop(self) -> None:
-        """Stop the process."""
+        """Stop the process (and remove its socket's directory)."""
         self._client.close()
         _stop(self._process)
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 def _wait_serving(target: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
