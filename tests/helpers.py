@@ -66,6 +66,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+# The longest path a Unix socket may have on Linux (sun_path holds 108 bytes with the terminating NUL).
+UNIX_SOCKET_PATH_MAX = 107
+
+
 class RedisServerError(RuntimeError):
     """redis-server could not be started (missing binary, port taken, crashed at start)."""
 
@@ -77,16 +81,29 @@ class RedisServer:
     the same port (empty: nothing is persisted), which is what outage tests need.
     """
 
-    def __init__(self, port: int | None = None, directory: pathlib.Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, directory: pathlib.Path | None = None, *, unix_socket: bool = False
+    ) -> None:
         self.port = port or free_port()
         self._own_directory = directory is None
         self.directory = directory or pathlib.Path(tempfile.mkdtemp(prefix="spendgate-redis-"))
+        # With unix_socket it listens on a socket in its directory too (a path of at most 107 bytes).
+        self.socket_path = self.directory / "redis.sock" if unix_socket else None
+        if self.socket_path is not None and len(str(self.socket_path)) > UNIX_SOCKET_PATH_MAX:
+            raise ValueError(f"{self.socket_path} is too long for a Unix socket")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The server's URL (database 0)."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_url(self) -> str:
+        """The URL of its Unix socket (database 0); only with ``unix_socket``."""
+        if self.socket_path is None:
+            raise ValueError("this redis-server has no Unix socket")
+        return f"unix://{self.socket_path}?db=0"
 
     @property
     def running(self) -> bool:
@@ -115,6 +132,7 @@ class RedisServer:
                 str(self.directory),
                 "--logfile",
                 str(log),
+                *(["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"] if self.socket_path else []),
             ],
             cwd=self.directory,
             stdout=subprocess.DEVNULL,
