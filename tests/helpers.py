@@ -87,9 +87,11 @@ class RedisServer:
         self.port = port or free_port()
         self._own_directory = directory is None
         self.directory = directory or pathlib.Path(tempfile.mkdtemp(prefix="spendgate-redis-"))
-        # With unix_socket it listens on a socket in its directory too (a path of at most 107 bytes).
+        # With unix_socket it listens on a socket in its directory too.
         self.socket_path = self.directory / "redis.sock" if unix_socket else None
-        if self.socket_path is not None and len(str(self.socket_path)) > UNIX_SOCKET_PATH_MAX:
+        if self.socket_path is not None and len(str(self.socket_path).encode()) > UNIX_SOCKET_PATH_MAX:
+            if self._own_directory:
+                shutil.rmtree(self.directory, ignore_errors=True)
             raise ValueError(f"{self.socket_path} is too long for a Unix socket")
         self.process: subprocess.Popen[bytes] | None = None
 

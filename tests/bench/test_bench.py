@@ -20,9 +20,11 @@ from rich.console import Console
 
 from helpers import in_ci
 from spendgate._gen.spendgate.v1 import spend_pb2
+from spendgate.bench import command
 from spendgate.bench.check import CheckResult, violations_of
 from spendgate.bench.fleet import generate_fleet
-from spendgate.bench.report import rounds_table
+from spendgate.bench.report import redis_transport, rounds_table
+from spendgate.bench.runner import BenchOptions
 from spendgate.bench.servers import RedisServer, find_redis_server
 from spendgate.bench.wire import authorize_prefix, authorize_request, stream_request
 from spendgate.cli import cli
@@ -64,8 +66,36 @@ def test_cli_has_the_bench_command() -> None:
     assert "--concurrency" in result.output
     assert "--embedded" in result.output
     assert "--client [h2|grpc]" in result.output
+    assert "--redis-socket [tcp|unix]" in result.output
 
 
+@pytest.mark.parametrize(("flag", "unix_socket"), [([], False), (["--redis-socket", "unix"], True)])
+def test_the_redis_socket_flag_reaches_the_run(
+    flag: list[str], unix_socket: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[BenchOptions] = []
+
+    def run_bench(options: BenchOptions, _progress: Console) -> None:
+        seen.append(options)
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(command, "run_bench", run_bench)
+    result = CliRunner().invoke(cli, ["bench", "--quick", *flag])
+    assert "stopped by the test" in result.output
+    assert [options.redis_unix_socket for options in seen] == [unix_socket]
+
+
+def test_the_report_names_theredis_transport_of_a_server_it_started() -> None:
+    unix = {"redis_server": {"url": "unix:///tmp/spendgate-redis-x/redis.sock?db=0"}}
+    tcp = {"redis_server": {"url": "redis://127.0.0.1:6400/0"}}
+    assert redis_transport(unix) == ", Redis over a Unix socket"
+    assert redis_transport(tcp) == ", Redis over TCP (loopback)"
+    # A --target server keeps its own Redis; the benchmark's serves only its redis phases.
+    assert redis_transport({**unix, "target": "127.0.0.1:50051"}) == ""
+    assert redis_transport({}) == ""
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize("unix_socket", [True, False], ids=["unix-socket", "tcp"])
 def test_the_benchmark_redis_is_reached_by_its_url_and_leaves_no_socket_behind(unix_socket: bool) -> None:
     binary = find_redis_server()

@@ -148,9 +148,9 @@ def _phases(text: str) -> tuple[str, ...]:
     type=click.Choice(["tcp", "unix"]),
     default="tcp",
     show_default=True,
-    help="How the server and the generators reach the benchmark's own Redis: TCP on loopback (as a Redis on "
-    "another machine is reached), or a Unix socket (as a Redis on the server's own machine can be). Not used "
-    "with --target.",
+    help="How the server this run starts, and the generators' redis phases, reach the benchmark's own Redis: TCP "
+    "on loopback (as a Redis on another machine is reached), or a Unix socket (as a Redis on the server's own "
+    "machine can be). A --target server keeps its own Redis.",
 )
 @click.option("--json", "json_path", default="", help="Write every figure to this file as JSON.")
 @click.option(

@@ -140,10 +140,10 @@ def _capture_line(result: PhaseResult) -> str:
     )
 
 
-def _redis_transport(system: dict[str, Any]) -> str:
-    """How the server reached the benchmark's own Redis ('' when this run started none)."""
+def redis_transport(system: dict[str, Any]) -> str:
+    """How the server reached the benchmark's own Redis ('' when this run started no server, or no Redis)."""
     url = system.get("redis_server", {}).get("url", "")
-    if not url:
+    if not url or "target" in system:
         return ""
     return ", Redis over a Unix socket" if url.startswith("unix:") else ", Redis over TCP (loopback)"
 
@@ -161,7 +161,7 @@ def print_report(report: BenchReport, console: Console) -> None:
         f"{fleet.get('wallets'):,} wallets), {options.processes} generator processes "
         f"({_CLIENT_NAMES[options.client]}), "
         f"{options.duration_s:g} s per phase after {options.warmup_s:g} s warm-up, "
-        f"{system.get('machine', {}).get('cpus')} CPUs" + _redis_transport(system),
+        f"{system.get('machine', {}).get('cpus')} CPUs" + redis_transport(system),
         highlight=False,
     )
     console.print(phase_table(report))

@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REDIS_SERVER_DEFAULT = "/usr/bin/redis-server"
 START_TIMEOUT_S = 30.0
+# The longest path a Unix socket may have on Linux (sun_path holds 108 bytes, the terminating NUL included).
+UNIX_SOCKET_PATH_MAX = 107
 STOP_TIMEOUT_S = 15.0
 _CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -97,41 +99,60 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         socket_options: list[str] = []
-        # A directory of its own for the socket: a path of at most 107 bytes, which nobody else writes to.
+        # A directory of its own for the socket, which nobody else writes to; removed on any failure below.
         self._socket_dir = tempfile.mkdtemp(prefix="spendgate-redis-") if unix_socket else ""
-        if self._socket_dir:
-            socket_path = os.path.join(self._socket_dir, "redis.sock")
-            socket_options = ["--unixsocket", socket_path, "--unixsocketperm", "700"]
-            self.url = f"unix://{socket_path}?db=0"
-        self._process = subprocess.Popen(  # noqa: S603 - the binary is the operator's redis-server
-            [
-                binary,
-                *socket_options,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        try:
+            if self._socket_dir:
+                socket_path = os.path.join(self._socket_dir, "redis.sock")
+                if len(socket_path.encode()) > UNIX_SOCKET_PATH_MAX:
+                    raise RuntimeError(
+                        f"the Redis socket's path {socket_path} is over {UNIX_SOCKET_PATH_MAX} bytes: set TMPDIR to "
+                        "a shorter directory"
+                    )
+                socket_options = ["--unixsocket", socket_path, "--unixsocketperm", "700"]
+                self.url = f"unix://{socket_path}?db=0"
+            self._process = subprocess.Popen(  # noqa: S603 - the binary is the operator's redis-server
+                [
+                    binary,
+                    *socket_options,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except BaseException:
+            self._remove_socket_dir()
+            raise
         self._client = redis.Redis(port=self.port, socket_timeout=5.0)
+        try:
+            self._wait_ready()
+        except BaseException:  # Not ready, or interrupted: nothing is left running.
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
                 self._client.ping()
-                break
+                return
             except redis.exceptions.ConnectionError:
                 if self._process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
+
+    def _remove_socket_dir(self) -> None:
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     @property
     def pid(self) -> int:
@@ -165,8 +186,7 @@ class RedisServer:
         """Stop the process (and remove its socket's directory)."""
         self._client.close()
         _stop(self._process)
-        if self._socket_dir:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self._remove_socket_dir()
 
 
 def _wait_serving(target: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
