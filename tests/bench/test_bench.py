@@ -151,6 +151,14 @@ def test_a_short_run_reports_every_figure_and_passes_its_check(tmp_path: pathlib
         assert phase["generator"]["cpu_s"] is not None, name
         assert phase["failures"] == [], name
     assert figures["phases"]["unary"]["decisions"] == {"approved": figures["phases"]["unary"]["calls"]}
+    if redis_phases:
+        # The redis phase's generator sends one script per round trip: Redis's reply writes count them.
+        redis_phase = figures["phases"]["redis"]["redis"]
+        assert redis_phase["round_trips"] >= redis_phase["scripts"] * 0.9, redis_phase
+        assert "Redis round trips per call: " in completed.stdout
+        # The embedded server's store uses the benchmark's Redis when there is one: a decision's script takes at
+        # most one round trip (a few more are the server's background reads).
+        assert 0 < figures["phases"]["unary"]["redis"]["round_trips_per_call"] <= 1.1
     assert figures["phases"]["exhaust"]["decisions"].get("denied: window_limit", 0) > 0
     assert figures["ratios"]["unary_vs_empty_unary_pct"] is not None
     # The open loop reports how late its calls started (counted by start, where calls are counted by answer,
@@ -228,8 +236,9 @@ def test_the_rounds_table_judges_each_median_against_its_target() -> None:
         {"unary_vs_empty_unary_pct": 70.0, "stream_vs_unary_x": 3.5, "half_load_p99_ms": 2.0},
         {"unary_vs_empty_unary_pct": 76.0, "stream_vs_unary_x": 2.5, "half_load_p99_ms": 2.5},
     ]
-    for round_figures in figures:
+    for round_figures, round_trips in zip(figures, (0.9, 1.2, 0.95), strict=True):
         round_figures["ledger_writer_vs_server_x"] = None
+        round_figures["unary_round_trips_per_call"] = round_trips
     console = Console(record=True, width=200)
     console.print(rounds_table(figures))
     rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
@@ -238,3 +247,5 @@ def test_the_rounds_table_judges_each_median_against_its_target() -> None:
     assert "≥ 3x: not met" in rows["AuthorizeStream, times unary"]
     assert "≤ 3ms: met" in rows["p99 at half load, ms"]
     assert not any("ledger" in label for label in rows)
+    assert "0.95" in rows["Redis round trips per unary decision"]
+    assert "≤ 1: met" in rows["Redis round trips per unary decision"]

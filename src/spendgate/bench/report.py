@@ -209,6 +209,14 @@ def print_report(report: BenchReport, console: Console) -> None:
     ]
     if per_call:
         console.print("  Redis scripts per call: " + ", ".join(per_call), highlight=False)
+    # Round trips as Redis served them (its reply writes): one script per call in fewer round trips is batching.
+    trips = [
+        f"{name} {result.redis_round_trips / result.calls:.2f}"
+        for name, result in report.phases.items()
+        if result.redis_round_trips is not None and result.calls and name not in EMPTY_PHASES
+    ]
+    if trips:
+        console.print("  Redis round trips per call: " + ", ".join(trips), highlight=False)
     generator = [
         f"{name} {result.generator_cpu_s:.1f} CPU-s over {result.window_s:g} s"
         for name, result in report.phases.items()
@@ -286,6 +294,8 @@ TARGETS = (
     ("stream_vs_unary_x", "AuthorizeStream, times unary", "x", 3.0, True),
     ("half_load_p99_ms", "p99 at half load, ms", "ms", 3.0, False),
     ("ledger_writer_vs_server_x", "ledger writer, times the server's rate", "x", 5.0, True),
+    # At most one round trip per decision, fewer under load: the closed-loop unary phase is under load.
+    ("unary_round_trips_per_call", "Redis round trips per unary decision", "", 1.0, False),
 )
 
 
@@ -293,12 +303,16 @@ def target_figures(report: BenchReport) -> dict[str, float | None]:
     """One run's figure for each of :data:`TARGETS` (None where its phases did not run)."""
     ratios = report.ratios()
     half = report.phases.get("unary-half")
+    unary = report.phases.get("unary")
     return {
         "unary_vs_empty_unary_pct": ratios["unary_vs_empty_unary_pct"],
         "stream_vs_unary_x": ratios["stream_vs_unary_x"],
         "half_load_p99_ms": latency_summary(half.histogram)["p99_ms"] if half is not None and half.calls else None,
         "ledger_writer_vs_server_x": round(report.ledger.ratio, 2)
         if report.ledger is not None and report.ledger.ratio is not None
+        else None,
+        "unary_round_trips_per_call": round(unary.redis_round_trips / unary.calls, 3)
+        if unary is not None and unary.redis_round_trips is not None and unary.calls
         else None,
     }
 

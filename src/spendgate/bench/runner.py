@@ -472,6 +472,8 @@ class Bench:
         server_after, redis_after, machine_after = server_cpu(), redis_cpu(), machine_busy_cpu_s()
         if self.redis is not None:
             result.redis_scripts, result.redis_script_usec = self.redis.script_stats()
+            # Only where the calls' scripts ran in this Redis (not under an embedded server's fakeredis).
+            result.redis_round_trips = self.redis.round_trips() if result.redis_scripts else None
         for worker_result in await running:
             result.add(worker_result)
         if server_before is not None and server_after is not None:

@@ -172,6 +172,14 @@ class RedisServer:
         """Zero Redis's command statistics (this Redis is the benchmark's own)."""
         self._client.config_resetstat()
 
+    def round_trips(self) -> int:
+        """Reply writes to clients since the last reset (INFO stats ``total_writes_processed``).
+
+        Redis answers each read it serves with one write, so under pipelining this counts round trips as Redis
+        served them: commands that reach it together, in one write or in several read at once, are one.
+        """
+        return int(self._client.info("stats")["total_writes_processed"])
+
     def script_stats(self) -> tuple[int, int]:
         """Scripts run (EVALSHA and EVAL) since the last reset, and the microseconds Redis spent in them."""
         stats = self._client.info("commandstats")

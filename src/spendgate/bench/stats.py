@@ -132,6 +132,8 @@ class PhaseResult:
     # Scripts Redis ran over the window and the microseconds it spent in them (INFO commandstats; only for
     # the benchmark's own Redis).
     redis_scripts: int | None = None
+    # Reply writes Redis made in the window: its round trips (see RedisServer.round_trips).
+    redis_round_trips: int | None = None
     redis_script_usec: int | None = None
     # Calls per batch for the pipelined Redis phase (1 otherwise).
     batch_size: int = 1
@@ -233,6 +235,9 @@ class PhaseResult:
             figures["redis"]["us_per_script"] = round((self.redis_script_usec or 0) / self.redis_scripts, 2)
             if self.calls:
                 figures["redis"]["scripts_per_call"] = round(self.redis_scripts / self.calls, 3)
+        if self.redis_round_trips is not None and self.calls:
+            figures["redis"]["round_trips"] = self.redis_round_trips
+            figures["redis"]["round_trips_per_call"] = round(self.redis_round_trips / self.calls, 3)
         return figures
 
 
