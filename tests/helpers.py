@@ -29,6 +29,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from spendgate.bench.servers import redis_server_options
 from spendgate.domain import AccountPlan, AuthorizeCommand
 from spendgate.plan import load_plan, parse_plan
 
@@ -122,19 +123,11 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 REDIS_SERVER_BINARY,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *redis_server_options(self.port, socket_path=str(self.socket_path or "")),
                 "--dir",
                 str(self.directory),
                 "--logfile",
                 str(log),
-                *(["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"] if self.socket_path else []),
             ],
             cwd=self.directory,
             stdout=subprocess.DEVNULL,

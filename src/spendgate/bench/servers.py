@@ -88,6 +88,17 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def redis_server_options(port: int, *, socket_path: str = "") -> list[str]:
+    """redis-server's command-line options for a server of our own (the tests' servers use them too).
+
+    Loopback only, nothing kept on disk, and with ``socket_path`` a Unix socket only its user may use.
+    """
+    options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if socket_path:
+        options += ["--unixsocket", socket_path, "--unixsocketperm", "700"]
+    return options
+
+
 class RedisServer:
     """A redis-server process of the benchmark's own, without persistence.
 
@@ -98,7 +109,7 @@ class RedisServer:
     def __init__(self, binary: str, *, unix_socket: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        socket_options: list[str] = []
+        socket_path = ""
         # A directory of its own for the socket, which nobody else writes to; removed on any failure below.
         self._socket_dir = tempfile.mkdtemp(prefix="spendgate-redis-") if unix_socket else ""
         try:
@@ -109,23 +120,9 @@ class RedisServer:
                         f"the Redis socket's path {socket_path} is over {UNIX_SOCKET_PATH_MAX} bytes: set TMPDIR to "
                         "a shorter directory"
                     )
-                socket_options = ["--unixsocket", socket_path, "--unixsocketperm", "700"]
                 self.url = f"unix://{socket_path}?db=0"
             self._process = subprocess.Popen(  # noqa: S603 - the binary is the operator's redis-server
-                [
-                    binary,
-                    *socket_options,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                ],
+                [binary, *redis_server_options(self.port, socket_path=socket_path), "--daemonize", "no"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
