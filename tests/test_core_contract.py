@@ -718,6 +718,28 @@ async def test_a_wallet_moved_to_another_pool_is_detected_and_its_new_chain_is_u
     assert (await usage(acme, "sales"))[Window.MONTH] == Usage(USD, 0)
 
 
+async def test_a_plan_applied_here_drops_only_its_own_accounts_cached_chains(
+    acme: SpendCore, store: RedisStore, clock: ManualClock
+) -> None:
+    spy = SpyStore(store)
+    server = SpendCore(spy, clock)  # type: ignore[arg-type]
+    other = {"account": {"id": "globex", "limits": {"month": 100}}, "wallets": [{"id": "g1"}]}
+    await server.apply_plan(plan_from(other))
+    await server.authorize(command("r1", USD))
+    await server.authorize(command("g1", USD))
+    assert [chain.node_ids for chain in spy.resolved] == [R1_CHAIN, ("g1", "globex")]
+
+    changed = json.loads(json.dumps(PLAN))
+    changed["pools"][0]["limits"] = {"month": 250}
+    await server.apply_plan(plan_from(changed))
+    await server.authorize(command("g1", USD))
+    await server.authorize(command("r1", USD))
+
+    # globex's chain stayed cached; acme's was dropped, so it is resolved again without a refused round trip.
+    assert [chain.node_ids for chain in spy.resolved] == [R1_CHAIN, ("g1", "globex"), R1_CHAIN]
+    assert spy.stale == 0
+
+
 async def test_the_deepest_tree_a_plan_allows_authorizes(core: SpendCore, apply_plan: ApplyPlan) -> None:
     await apply_plan(nested_plan(32))
 

@@ -219,4 +219,8 @@ class SpendCore:
     async def apply_plan(self, plan: AccountPlan) -> None:
         """Create or reconfigure an account's nodes from a plan."""
         await self.store.put_plan(plan)
-        self._chains.clear()
+        # Only this account's tree changed. Its wallets' cached chains may be stale: they are dropped, where
+        # authorize.lua would refuse them with a round trip. Other accounts' wallets keep theirs (each call
+        # resolving a chain again costs more round trips than the decision).
+        account_id = plan.account_id
+        self._chains = {wallet: chain for wallet, chain in self._chains.items() if chain.account_id != account_id}
