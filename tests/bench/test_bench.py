@@ -85,7 +85,7 @@ def test_the_redis_socket_flag_reaches_the_run(
     assert [options.redis_unix_socket for options in seen] == [unix_socket]
 
 
-def test_the_report_names_theredis_transport_of_a_server_it_started() -> None:
+def test_the_report_names_the_redis_transport_of_a_server_it_started() -> None:
     unix = {"redis_server": {"url": "unix:///tmp/spendgate-redis-x/redis.sock?db=0"}}
     tcp = {"redis_server": {"url": "redis://127.0.0.1:6400/0"}}
     assert redis_transport(unix) == ", Redis over a Unix socket"
