@@ -29,7 +29,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from spendgate.bench.servers import redis_server_options
+from spendgate.bench.servers import UNIX_SOCKET_PATH_MAX, redis_server_options
 from spendgate.domain import AccountPlan, AuthorizeCommand
 from spendgate.plan import load_plan, parse_plan
 
@@ -65,10 +65,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-# The longest path a Unix socket may have on Linux (sun_path holds 108 bytes with the terminating NUL).
-UNIX_SOCKET_PATH_MAX = 107
 
 
 class RedisServerError(RuntimeError):
