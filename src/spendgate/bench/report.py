@@ -211,9 +211,9 @@ def print_report(report: BenchReport, console: Console) -> None:
         console.print("  Redis scripts per call: " + ", ".join(per_call), highlight=False)
     # Round trips as Redis served them (its reply writes): one script per call in fewer round trips is batching.
     trips = [
-        f"{name} {result.redis_round_trips / result.calls:.2f}"
+        f"{name} {trips_per_call:.2f}"
         for name, result in report.phases.items()
-        if result.redis_round_trips is not None and result.calls and name not in EMPTY_PHASES
+        if (trips_per_call := result.round_trips_per_call()) is not None and name not in EMPTY_PHASES
     ]
     if trips:
         console.print("  Redis round trips per call: " + ", ".join(trips), highlight=False)
@@ -311,9 +311,7 @@ def target_figures(report: BenchReport) -> dict[str, float | None]:
         "ledger_writer_vs_server_x": round(report.ledger.ratio, 2)
         if report.ledger is not None and report.ledger.ratio is not None
         else None,
-        "unary_round_trips_per_call": round(unary.redis_round_trips / unary.calls, 3)
-        if unary is not None and unary.redis_round_trips is not None and unary.calls
-        else None,
+        "unary_round_trips_per_call": unary.round_trips_per_call() if unary is not None else None,
     }
 
 

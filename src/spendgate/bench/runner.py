@@ -472,7 +472,7 @@ class Bench:
         server_after, redis_after, machine_after = server_cpu(), redis_cpu(), machine_busy_cpu_s()
         if self.redis is not None:
             result.redis_scripts, result.redis_script_usec = self.redis.script_stats()
-            # Only where the calls' scripts ran in this Redis (not under an embedded server's fakeredis).
+            # Only where the calls ran scripts in this Redis: the empty-handler phases send it none.
             result.redis_round_trips = self.redis.round_trips() if result.redis_scripts else None
         for worker_result in await running:
             result.add(worker_result)

@@ -132,9 +132,9 @@ class PhaseResult:
     # Scripts Redis ran over the window and the microseconds it spent in them (INFO commandstats; only for
     # the benchmark's own Redis).
     redis_scripts: int | None = None
+    redis_script_usec: int | None = None
     # Reply writes Redis made in the window: its round trips (see RedisServer.round_trips).
     redis_round_trips: int | None = None
-    redis_script_usec: int | None = None
     # Calls per batch for the pipelined Redis phase (1 otherwise).
     batch_size: int = 1
     failures: list[str] = dataclasses.field(default_factory=list)
@@ -181,6 +181,12 @@ class PhaseResult:
         if cpu_s is None or not self.calls:
             return None
         return cpu_s / self.calls * 1e6
+
+    def round_trips_per_call(self) -> float | None:
+        """Redis round trips per call measured in the window (None where they were not counted)."""
+        if self.redis_round_trips is None or not self.calls:
+            return None
+        return round(self.redis_round_trips / self.calls, 3)
 
     def cores(self, cpu_s: float | None) -> float | None:
         """CPU seconds over the window as a number of busy cores."""
@@ -235,9 +241,9 @@ class PhaseResult:
             figures["redis"]["us_per_script"] = round((self.redis_script_usec or 0) / self.redis_scripts, 2)
             if self.calls:
                 figures["redis"]["scripts_per_call"] = round(self.redis_scripts / self.calls, 3)
-        if self.redis_round_trips is not None and self.calls:
+        if (round_trips_per_call := self.round_trips_per_call()) is not None:
             figures["redis"]["round_trips"] = self.redis_round_trips
-            figures["redis"]["round_trips_per_call"] = round(self.redis_round_trips / self.calls, 3)
+            figures["redis"]["round_trips_per_call"] = round_trips_per_call
         return figures
 
 
