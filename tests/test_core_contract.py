@@ -8,6 +8,7 @@ changes, and bad input that changes nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime
 import json
@@ -29,6 +30,7 @@ from helpers import (
     plan_from,
     snapshot,
 )
+from spendgate.admin import AdminCore
 from spendgate.clock import ManualClock
 from spendgate.core import SpendCore
 from spendgate.domain import (
@@ -41,6 +43,7 @@ from spendgate.domain import (
     FailedPreconditionError,
     HoldState,
     InvalidArgumentError,
+    Limits,
     NodeKind,
     NodeWindow,
     NotFoundError,
@@ -51,8 +54,9 @@ from spendgate.domain import (
 )
 from spendgate.money import MONEY_MICROS_MAX
 from spendgate.plan import PlanError
-from spendgate.store.protocol import Chain, StaleChainError
+from spendgate.store.protocol import Chain
 from spendgate.store.redis_store import RedisStore
+from spendgate.windows import windows_at
 
 ApplyPlan = Callable[[Any], Awaitable[Any]]
 
@@ -662,55 +666,139 @@ async def test_an_idempotency_key_is_scoped_to_its_wallet(acme: SpendCore) -> No
 
 
 class SpyStore:
-    """Passes every call to a store, counting chain resolutions and stale-chain refusals."""
+    """Passes every call to a store, recording the hot path's calls to Redis and the chains authorize walked."""
+
+    LOOKUPS = ("account_of", "account_info", "account_ids", "node_ids", "resolve_wallet")
 
     def __init__(self, inner: RedisStore) -> None:
         self.inner = inner
-        self.resolved: list[Chain] = []
-        self.stale = 0
+        self.calls: list[str] = []
+        self.given: list[Chain] = []  # the chain each authorize was handed
+        self.walked: list[Chain] = []  # the chains authorize.lua walked
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        attribute = getattr(self.inner, name)
+        if name not in self.LOOKUPS:
+            return attribute
 
-    async def resolve_wallet(self, wallet_id: str) -> Chain:
-        chain = await self.inner.resolve_wallet(wallet_id)
-        self.resolved.append(chain)
-        return chain
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await attribute(*args, **kwargs)
 
-    async def authorize(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await self.inner.authorize(*args, **kwargs)
-        except StaleChainError:
-            self.stale += 1
-            raise
+        return recorded
+
+    async def authorize(self, chain: Chain, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append("authorize")
+        self.given.append(chain)
+        outcome = await self.inner.authorize(chain, *args, **kwargs)
+        if outcome.chain is not None:
+            self.walked.append(outcome.chain)
+        return outcome
+
+    def take(self) -> list[str]:
+        """The calls recorded since the last take."""
+        calls, self.calls = self.calls, []
+        return calls
 
 
-async def test_a_wallet_moved_to_another_pool_is_detected_and_its_new_chain_is_used(
-    acme: SpendCore, store: RedisStore, clock: ManualClock
+@pytest.fixture
+def spy(store: RedisStore) -> SpyStore:
+    """A spy on the test's store."""
+    return SpyStore(store)
+
+
+@pytest.fixture
+def replica(spy: SpyStore, clock: ManualClock) -> SpendCore:
+    """Another server over the same Redis, with caches of its own, its store spied on."""
+    return SpendCore(spy, clock)  # type: ignore[arg-type]
+
+
+async def test_a_wallets_first_call_is_one_round_trip_once_its_account_is_known(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore
 ) -> None:
-    spy = SpyStore(store)
-    replica = SpendCore(spy, clock)  # type: ignore[arg-type]  # Another server with its own chain cache.
+    assert await replica.load_account_hints() == 7  # acme, its two pools and its four wallets
+    spy.take()
+
+    first = await replica.authorize(command("r1", 2 * USD))
+    second = await replica.authorize(command("r1", USD))
+
+    assert first.approved
+    assert second.approved
+    # One script call each: the first walked the chain it was handed unresolved, the second used that chain.
+    assert spy.take() == ["authorize", "authorize"]
+    assert [chain.node_ids for chain in spy.given] == [("r1",), R1_CHAIN]
+    assert [chain.topo for chain in spy.given] == ["", spy.walked[0].topo]
+    assert [chain.node_ids for chain in spy.walked] == [R1_CHAIN]
+    assert (await usage(acme, "research"))[Window.MONTH] == Usage(0, 3 * USD)
+    assert (await usage(acme, "acme"))[Window.MONTH] == Usage(0, 3 * USD)
+
+
+async def test_a_replay_on_a_wallets_first_call_here_answers_as_before_and_caches_the_chain(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore
+) -> None:
+    request = command("r1", 2 * USD, key="retried")
+    original, _ = await acme.authorize_with_replay(request)
+
+    replayed, was_replay = await replica.authorize_with_replay(request)
+    again, _ = await replica.authorize_with_replay(request)
+
+    assert was_replay
+    assert replayed == original
+    assert again == original
+    assert [chain.node_ids for chain in spy.walked] == [R1_CHAIN]
+    assert [chain.node_ids for chain in spy.given] == [("r1",), R1_CHAIN]
+    assert (await usage(acme, "research"))[Window.MONTH] == Usage(0, 2 * USD)
+
+
+async def test_without_hints_a_wallets_first_call_looks_up_its_account_then_decides(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore
+) -> None:
+    await replica.authorize(command("r1", USD))
+    await replica.authorize(command("r2", USD))
+    await replica.authorize(command("r2", USD))
+
+    # The account's time zone is looked up once; each wallet's account once; the chain is walked by the script.
+    assert spy.take() == ["account_of", "account_info", "authorize", "account_of", "authorize", "authorize"]
+    assert [chain.node_ids for chain in spy.walked] == [R1_CHAIN, ("r2", "research", "acme")]
+
+
+async def test_a_burst_of_first_calls_looks_up_each_account_once(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore
+) -> None:
+    results = await asyncio.gather(*(replica.authorize(command(f"r{1 + i % 2}", USD)) for i in range(40)))
+
+    assert all(result.approved for result in results)
+    assert collections.Counter(spy.take()) == {"account_of": 2, "account_info": 1, "authorize": 40}
+
+
+async def test_a_wallet_moved_to_another_pool_is_walked_again_in_the_same_round_trip(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore
+) -> None:
     old_hold = await replica.authorize(command("r1", 2 * USD))
-    assert [chain.node_ids for chain in spy.resolved] == [R1_CHAIN]
+    assert [chain.node_ids for chain in spy.walked] == [R1_CHAIN]
 
     moved = json.loads(json.dumps(PLAN))
     r1 = moved["pools"][0]["wallets"].pop(0)
     moved["pools"][1]["wallets"].append(r1)
     moved["pools"][1]["limits"] = {"month": 1.5}
     await acme.apply_plan(plan_from(moved))  # Applied through the other server.
+    spy.take()
 
     settled = await replica.authorize(command("r1", USD, capture=True))
 
     assert settled.approved, settled.message
-    assert spy.stale == 1
-    assert [chain.node_ids for chain in spy.resolved] == [R1_CHAIN, ("r1", "sales", "acme")]
+    # The replica handed its old chain; the script saw the tree had changed and walked the new one.
+    assert spy.take() == ["authorize"]
+    assert spy.given[-1].node_ids == R1_CHAIN
+    assert [chain.node_ids for chain in spy.walked] == [R1_CHAIN, ("r1", "sales", "acme")]
     assert (await usage(acme, "sales"))[Window.MONTH] == Usage(USD, 0)
     assert (await usage(acme, "research"))[Window.MONTH] == Usage(0, 2 * USD)
     assert (await usage(acme, "acme"))[Window.MONTH] == Usage(USD, 2 * USD)
-    assert (await outbox(store))[-1]["chain"] == "r1,sales,acme"
+    assert (await outbox(spy.inner))[-1]["chain"] == "r1,sales,acme"
     # The new pool's limits apply: $1 of its $1.50 is spent.
     denied = await replica.authorize(command("r1", USD))
     assert denied.denied_by == NodeWindow("sales", Window.MONTH)
+    assert spy.given[-1].node_ids == ("r1", "sales", "acme")
     # The hold from before the move goes back to the chain it was taken from.
     await replica.void(old_hold.authorization_id)
     assert (await usage(acme, "research"))[Window.MONTH] == Usage(0, 0)
@@ -718,26 +806,98 @@ async def test_a_wallet_moved_to_another_pool_is_detected_and_its_new_chain_is_u
     assert (await usage(acme, "sales"))[Window.MONTH] == Usage(USD, 0)
 
 
-async def test_a_plan_applied_here_drops_only_its_own_accounts_cached_chains(
-    acme: SpendCore, store: RedisStore, clock: ManualClock
+async def test_a_wallet_moved_to_another_account_is_found_through_the_index(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock
 ) -> None:
-    spy = SpyStore(store)
-    server = SpendCore(spy, clock)  # type: ignore[arg-type]
+    await replica.load_account_hints()  # "direct" is hinted in acme.
+    await spy.inner.delete_node("acme", "direct", force=False, windows=windows_at(clock.now_ms(), "UTC"))
+    globex = {"account": {"id": "globex", "limits": {"month": 100}}, "wallets": [{"id": "direct"}]}
+    await acme.apply_plan(plan_from(globex))
+    spy.take()
+
+    result = await replica.authorize(command("direct", USD, capture=True))
+
+    assert result.approved, result.message
+    assert result.authorization_id.startswith("globex:")
+    # Refused in acme (no such wallet there), found in globex through the index, decided there.
+    assert spy.take() == ["authorize", "account_of", "account_info", "authorize"]
+    assert [chain.node_ids for chain in spy.walked] == [("direct", "globex")]
+    assert (await usage(acme, "globex"))[Window.MONTH] == Usage(USD, 0)
+    assert (await usage(acme, "acme"))[Window.MONTH] == Usage(0, 0)
+
+
+async def test_a_hinted_wallet_deleted_since_is_not_found_and_nothing_changes(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock, key_prefix: str
+) -> None:
+    await replica.load_account_hints()
+    await spy.inner.delete_node("acme", "direct", force=False, windows=windows_at(clock.now_ms(), "UTC"))
+    before = await snapshot(spy.inner.client, key_prefix)
+    spy.take()
+
+    with pytest.raises(NotFoundError, match="no wallet 'direct'"):
+        await replica.authorize(command("direct", USD))
+
+    assert spy.take() == ["authorize", "account_of"]
+    assert await snapshot(spy.inner.client, key_prefix) == before
+
+
+async def test_an_account_whose_time_zone_is_not_the_cached_one_is_looked_up_again(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock, store: RedisStore
+) -> None:
+    await replica.load_account_hints()
+    # A plan cannot change a time zone; the script guards the windows all the same. Changed under the replica:
+    await store.client.hset(store.keys.node("acme", "acme"), "tz", "Asia/Tokyo")
+    spy.take()
+
+    result = await replica.authorize(command("r1", USD, capture=True))
+
+    assert result.approved, result.message
+    assert spy.take() == ["authorize", "account_info", "authorize"]
+    assert [chain.time_zone for chain in spy.given] == ["UTC", "Asia/Tokyo"]
+    assert spy.walked[-1].time_zone == "Asia/Tokyo"
+
+
+async def test_plans_applied_here_spare_their_wallets_lookups_and_a_changed_tree_is_walked_again(
+    replica: SpendCore, spy: SpyStore
+) -> None:
     other = {"account": {"id": "globex", "limits": {"month": 100}}, "wallets": [{"id": "g1"}]}
-    await server.apply_plan(plan_from(other))
-    await server.authorize(command("r1", USD))
-    await server.authorize(command("g1", USD))
-    assert [chain.node_ids for chain in spy.resolved] == [R1_CHAIN, ("g1", "globex")]
+    await replica.apply_plan(plan_from(PLAN))
+    await replica.apply_plan(plan_from(other))
+    spy.take()
+    await replica.authorize(command("r1", USD))
+    await replica.authorize(command("g1", USD))
+    # The plans said which account each wallet is in: no lookups.
+    assert spy.take() == ["authorize", "authorize"]
 
     changed = json.loads(json.dumps(PLAN))
-    changed["pools"][0]["limits"] = {"month": 250}
-    await server.apply_plan(plan_from(changed))
-    await server.authorize(command("g1", USD))
-    await server.authorize(command("r1", USD))
+    changed["pools"][0]["limits"] = {"month": 1.5}
+    await replica.apply_plan(plan_from(changed))
+    spy.take()
+    await replica.authorize(command("g1", USD))
+    denied = await replica.authorize(command("r1", USD))
 
-    # globex's chain stayed cached; acme's was dropped, so it is resolved again without a refused round trip.
-    assert [chain.node_ids for chain in spy.resolved] == [R1_CHAIN, ("g1", "globex"), R1_CHAIN]
-    assert spy.stale == 0
+    assert spy.take() == ["authorize", "authorize"]
+    # Both handed their cached chains; acme's tree had changed, so r1's was walked again, and its new limit held.
+    assert [chain.node_ids for chain in spy.given[-2:]] == [("g1", "globex"), R1_CHAIN]
+    assert [chain.node_ids for chain in spy.walked] == [R1_CHAIN, ("g1", "globex"), R1_CHAIN]
+    assert denied.denied_by == NodeWindow("research", Window.MONTH)
+
+
+async def test_plans_and_new_nodes_applied_through_the_admin_core_spare_their_wallets_lookups(
+    replica: SpendCore, spy: SpyStore, clock: ManualClock
+) -> None:
+    admin = AdminCore(spy, replica, clock)  # type: ignore[arg-type]
+    await admin.apply_plan(plan_from(PLAN))
+    await admin.create_node("r9", "research", NodeKind.WALLET, Limits())
+    spy.take()
+
+    first = await replica.authorize(command("r1", USD))
+    created = await replica.authorize(command("r9", USD))
+
+    assert first.approved
+    assert created.approved
+    assert spy.take() == ["authorize", "authorize"]
+    assert [chain.node_ids for chain in spy.walked] == [R1_CHAIN, ("r9", "research", "acme")]
 
 
 async def test_the_deepest_tree_a_plan_allows_authorizes(core: SpendCore, apply_plan: ApplyPlan) -> None:

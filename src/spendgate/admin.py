@@ -327,6 +327,8 @@ class AdminCore:
         await self.store.put_plan(
             plan, nodes=writes, progress=(lambda done: progress(done, total)) if progress else None
         )
+        # A first call on a wallet of the plan need not look up its account.
+        self._spend.learn(plan, [node.node_id for node in plan.nodes])
         windows = windows_at(self._clock.now_ms(), plan.time_zone)
         for index, change in enumerate(removals, start=1):
             await self.store.delete_node(plan.account_id, change.node_id, force=force, windows=windows)
@@ -395,6 +397,7 @@ class AdminCore:
             raise InvalidArgumentError(f"node {node_id!r} already exists")
         node = NodeSpec(node_id=node_id, kind=kind, parent_id=parent_id, limits=limits)
         await self.store.put_plan(plan, nodes=[node])
+        self._spend.learn(plan, [node_id])
         await self._record(
             actor, "node.create", plan.account_id, node_id, None, node, f"created {describe_node(node, plan.currency)}"
         )

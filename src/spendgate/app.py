@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 # The servicer enable_server_reflection uses on grpc.aio (reflection.aio names it too, without exporting it).
 from grpc_reflection.v1alpha._async import ReflectionServicer
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from spendgate._gen.spendgate.v1 import (
     admin_pb2,
@@ -167,6 +167,12 @@ class SpendgateServer:
 
     async def start(self) -> None:
         """Start serving and the background tasks."""
+        try:
+            # So that a wallet's first call is one round trip (see SpendCore.load_account_hints).
+            nodes = await self.core.load_account_hints()
+            log.info("knows the accounts of %d nodes", nodes)
+        except UnavailableError as error:
+            log.warning("could not load the nodes' accounts (a wallet's first call looks its account up): %s", error)
         await self._server.start()
         self._tasks = [
             asyncio.create_task(self._sweep_forever(), name="sweeper"),

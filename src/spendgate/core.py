@@ -12,6 +12,8 @@ import json
 import os
 import re
 import threading
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from spendgate.clock import Clock
 from spendgate.domain import (
@@ -21,6 +23,7 @@ from spendgate.domain import (
     CaptureResult,
     InvalidArgumentError,
     NodeBudget,
+    NotFoundError,
     UnavailableError,
     VoidResult,
     check_amount,
@@ -30,7 +33,7 @@ from spendgate.domain import (
     check_metadata,
     check_service,
 )
-from spendgate.store.protocol import Chain, SpendStore, StaleChainError
+from spendgate.store.protocol import AccountInfo, Chain, SpendStore, StaleChainError, unresolved_chain
 from spendgate.windows import windows_at
 
 _AUTHORIZATION_TOKEN = re.compile(r"^[0-9a-f]{32}$")
@@ -121,31 +124,85 @@ class SpendCore:
         clock: Clock,
         *,
         chain_cache_size_max: int = 100_000,
+        account_hints_size_max: int = 1_000_000,
         stale_retries_max: int = 3,
     ) -> None:
         self.store = store
         self.clock = clock
+        # Each wallet's chain as the last decision on it walked it. authorize.lua checks it against the
+        # account's tree version, and walks the chain again itself when the tree changed.
         self._chains: dict[str, Chain] = {}
-        self._resolving: dict[str, asyncio.Future[Chain]] = {}
+        # The account each node is in, as far as this server knows: loaded at start (load_account_hints) and
+        # by plans applied here, else looked up on a wallet's first call. Only a hint: a wallet missing from
+        # its hinted account is looked up again.
+        self._account_hints: dict[str, str] = {}
+        self._accounts: dict[str, AccountInfo] = {}
+        # Lookups under way: a burst of first calls waits for one (kind and id -> its future).
+        self._lookups: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._chain_cache_size_max = chain_cache_size_max
+        self._account_hints_size_max = account_hints_size_max
         self._stale_retries_max = stale_retries_max
 
+    async def load_account_hints(self) -> int:
+        """Learn every account's time zone and which account each node is in; return how many nodes.
+
+        With them a wallet's first call here is one round trip, the decision's, which walks the chain.
+        Without them it looks up the wallet's account first (and the account's time zone, once per account).
+        At most ``account_hints_size_max`` nodes are learnt.
+        """
+        for account_id in await self.store.account_ids():
+            try:
+                self._accounts[account_id] = await self.store.account_info(account_id)
+            except NotFoundError:
+                continue  # Deleted since it was listed.
+            for node_id in await self.store.node_ids(account_id):
+                if not self._hint(node_id, account_id):
+                    return len(self._account_hints)
+        return len(self._account_hints)
+
+    def _hint(self, node_id: str, account_id: str) -> bool:
+        if len(self._account_hints) >= self._account_hints_size_max and node_id not in self._account_hints:
+            return False
+        self._account_hints[node_id] = account_id
+        return True
+
     async def _chain(self, wallet_id: str) -> Chain:
+        """The wallet's cached chain; else an unresolved one, which the decision walks."""
         chain = self._chains.get(wallet_id)
         if chain is not None:
             return chain
-        # One resolution per wallet at a time: a burst of first calls for a wallet waits for the same one.
-        pending = self._resolving.get(wallet_id)
+        account_id = self._account_hints.get(wallet_id)
+        if account_id is None:
+            account_id = await self._look_up_account(wallet_id)
+        info = self._accounts.get(account_id)
+        if info is None:
+            info = self._accounts[account_id] = await self._once(
+                ("account", account_id), lambda: self.store.account_info(account_id)
+            )
+        return unresolved_chain(info, wallet_id)
+
+    async def _look_up_account(self, wallet_id: str) -> str:
+        try:
+            account_id: str = await self._once(("wallet", wallet_id), lambda: self.store.account_of(wallet_id))
+        except NotFoundError:
+            raise NotFoundError(f"no wallet {wallet_id!r}: check the id, or apply a plan that defines it") from None
+        self._hint(wallet_id, account_id)
+        return account_id
+
+    async def _once(self, key: tuple[str, str], look_up: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a lookup, or wait for the same one already under way."""
+        pending = self._lookups.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self.store.resolve_wallet(wallet_id))
-            self._resolving[wallet_id] = pending
-            pending.add_done_callback(lambda _: self._resolving.pop(wallet_id, None))
-        chain = await asyncio.shield(pending)
+            pending = asyncio.ensure_future(look_up())
+            self._lookups[key] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(key, None))
+        return await asyncio.shield(pending)
+
+    def _cache(self, chain: Chain) -> None:
         if len(self._chains) >= self._chain_cache_size_max:
-            # A bound, not an LRU: refilling costs one resolve per wallet, and the cache stays small.
+            # A bound, not an LRU: a dropped chain costs its wallet's next decision a walk, not a round trip.
             self._chains.clear()
-        self._chains[wallet_id] = chain
-        return chain
+        self._chains[chain.wallet_id] = chain
 
     async def authorize(self, command: AuthorizeCommand, *, token_mode: str = "") -> AuthorizeResult:
         """Validate, then decide in one script call; denials are results, bad input raises.
@@ -167,11 +224,12 @@ class SpendCore:
         check_service(command.service)
         check_metadata(command.metadata)
         digest = fingerprint(command)
+        wallet_id = command.wallet_id
         for _ in range(self._stale_retries_max):
-            chain = await self._chain(command.wallet_id)
+            chain = await self._chain(wallet_id)
             now_ms = self.clock.now_ms()
             try:
-                return await self.store.authorize(
+                outcome = await self.store.authorize(
                     chain,
                     command,
                     authorization_id=new_authorization_id(chain.account_id),
@@ -181,8 +239,21 @@ class SpendCore:
                     token_mode=token_mode,
                 )
             except StaleChainError:
-                self._chains.pop(command.wallet_id, None)
-        raise UnavailableError(f"the tree of wallet {command.wallet_id!r} kept changing; retry")
+                # The account's time zone is not the one this server named the windows in.
+                self._chains.pop(wallet_id, None)
+                self._accounts.pop(chain.account_id, None)
+                continue
+            except NotFoundError:
+                # The wallet is not in the account this server took it to be in: ask the index where it is.
+                self._chains.pop(wallet_id, None)
+                self._account_hints.pop(wallet_id, None)
+                if await self._look_up_account(wallet_id) == chain.account_id:
+                    raise NotFoundError(f"no wallet {wallet_id!r}") from None
+                continue
+            if outcome.chain is not None:
+                self._cache(outcome.chain)
+            return outcome.result, outcome.replayed
+        raise UnavailableError(f"the tree of wallet {wallet_id!r} kept changing; retry")
 
     async def capture(
         self, authorization_id: str, amount_micros: int, idempotency_key: str, *, token_mode: str = ""
@@ -219,8 +290,12 @@ class SpendCore:
     async def apply_plan(self, plan: AccountPlan) -> None:
         """Create or reconfigure an account's nodes from a plan."""
         await self.store.put_plan(plan)
-        # Only this account's tree changed. Its wallets' cached chains may be stale: they are dropped, where
-        # authorize.lua would refuse them with a round trip. Other accounts' wallets keep theirs (each call
-        # resolving a chain again costs more round trips than the decision).
+        # The cached chains of the account's wallets may be out of date: authorize.lua walks each again.
+        self.learn(plan, [node.node_id for node in plan.nodes])
+
+    def learn(self, plan: AccountPlan, node_ids: Iterable[str]) -> None:
+        """Remember that these nodes are in the plan's account, and the account's time zone."""
         account_id = plan.account_id
-        self._chains = {wallet: chain for wallet, chain in self._chains.items() if chain.account_id != account_id}
+        self._accounts[account_id] = AccountInfo(account_id, plan.currency, plan.time_zone)
+        for node_id in node_ids:
+            self._hint(node_id, account_id)

@@ -60,6 +60,31 @@ async def test_health_check_says_serving(gate: Gate) -> None:
 
 
 @pytest.mark.parametrize("backend_kind", ["fakeredis"])
+async def test_a_wallets_first_call_after_start_decides_without_looking_up_its_account(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server learnt every node's account when it started; the decision walks the wallet's chain itself.
+    store = gate.server.core.store
+    looked_up: list[tuple[str, str]] = []
+    for name in ("account_of", "account_info", "resolve_wallet"):
+        original = getattr(store, name)
+
+        async def recorded(node_id: str, name: str = name, original: Any = original) -> Any:
+            task = asyncio.current_task()
+            # The metrics collector reads every node's budget in a task of its own, looking up accounts.
+            if task is None or task.get_name() != "metrics":
+                looked_up.append((name, node_id))
+            return await original(node_id)
+
+        monkeypatch.setattr(store, name, recorded)
+
+    for wallet in ("research-agent-01", "research-agent-02", "sales-agent-01"):
+        response = await gate.stub.Authorize(authorize_request(wallet), timeout=CALL_TIMEOUT_S)
+        assert response.decision == spend_pb2.DECISION_APPROVED, response.message
+
+    assert looked_up == []
+
+
 async def test_reflection_describes_the_spend_service(gate: Gate) -> None:
     def describe() -> tuple[list[str], list[str], str]:
         with grpc.insecure_channel(gate.address) as channel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from spendgate.domain import (
     AccountPlan,
@@ -34,6 +34,11 @@ class Chain:
         """The wallet at the bottom of the chain."""
         return self.node_ids[0]
 
+    @property
+    def resolved(self) -> bool:
+        """Whether the chain was walked up to its account (see :func:`unresolved_chain`)."""
+        return bool(self.topo)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AccountInfo:
@@ -42,6 +47,29 @@ class AccountInfo:
     account_id: str
     currency: str
     time_zone: str
+
+
+def unresolved_chain(account: AccountInfo, wallet_id: str) -> Chain:
+    """A wallet's chain before it was walked: its account and the wallet alone, at no tree version.
+
+    :meth:`SpendStore.authorize` takes it as it takes a resolved chain, walks the chain in the same step as the
+    decision, and returns the chain it walked.
+    """
+    return Chain(
+        account_id=account.account_id,
+        node_ids=(wallet_id,),
+        topo="",
+        currency=account.currency,
+        time_zone=account.time_zone,
+    )
+
+
+class AuthorizeOutcome(NamedTuple):
+    """What :meth:`SpendStore.authorize` answers."""
+
+    result: AuthorizeResult
+    replayed: bool  # the answer of an earlier request with the same idempotency key
+    chain: Chain | None  # the chain the decision walked, when the one given was unresolved or out of date
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,7 +98,10 @@ class TokenRecord:
 
 
 class StaleChainError(Exception):
-    """The tree changed since the chain was resolved; resolve it again and retry."""
+    """The account names its windows in another time zone than the chain's: look the account up and retry.
+
+    A plan cannot change an account's time zone; the script checks it all the same, as the windows depend on it.
+    """
 
 
 class SpendStore(Protocol):
@@ -91,6 +122,10 @@ class SpendStore(Protocol):
         """Return a wallet's chain; raise ``NotFoundError`` for an unknown wallet or a node that is not one."""
         ...
 
+    async def node_ids(self, account_id: str) -> list[str]:
+        """Return the ids of an account's nodes (every kind), in no order."""
+        ...
+
     async def authorize(
         self,
         chain: Chain,
@@ -101,11 +136,14 @@ class SpendStore(Protocol):
         windows: WindowIds,
         now_ms: int,
         token_mode: str = "",
-    ) -> tuple[AuthorizeResult, bool]:
-        """Decide and apply one authorization; return the result and whether it was a replay.
+    ) -> AuthorizeOutcome:
+        """Decide and apply one authorization, in one round trip.
 
-        Raises :class:`StaleChainError` when the chain changed, ``AlreadyExistsError`` when the idempotency
-        key was used for another request, ``InvalidArgumentError`` for a currency that is not the account's.
+        A chain that is unresolved, or no longer the account's tree, is walked from its wallet in the same
+        step, and returned with the result. Raises ``NotFoundError`` when the wallet is not in the chain's
+        account, ``InvalidArgumentError`` when it is not a wallet or for a currency that is not the account's,
+        :class:`StaleChainError` when the account's time zone is not the chain's, and ``AlreadyExistsError``
+        when the idempotency key was used for another request.
         """
         ...
 

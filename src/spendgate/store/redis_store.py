@@ -50,7 +50,7 @@ from spendgate.domain import (
 from spendgate.money import format_amount
 from spendgate.store.keys import Keys
 from spendgate.store.pipe import Argument, Encoded, PipeStats, RedisPipe, encode_command, flatten
-from spendgate.store.protocol import AccountInfo, Backlog, Chain, StaleChainError, TokenRecord
+from spendgate.store.protocol import AccountInfo, AuthorizeOutcome, Backlog, Chain, StaleChainError, TokenRecord
 from spendgate.windows import WindowIds
 
 _SCRIPTS = (
@@ -149,6 +149,14 @@ _WINDOWS = {str(int(value)): value for value in Window}
 _HOLD_STATES = {str(int(value)): value for value in HoldState}
 
 
+# The fields of authorize.lua's 'OK' reply, before a walked chain's.
+_AUTHORIZE_REPLY_LENGTH = 19
+
+
+def _not_a_wallet(node_id: str, kind: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{node_id!r} is {with_article(kind)}, not a wallet: agents spend from wallets")
+
+
 def _authorize_result(reply: list[Any], command: AuthorizeCommand) -> AuthorizeResult:
     """The AuthorizeResult of an 'OK' reply of authorize.lua (see the script's header for the fields)."""
     decision = _DECISIONS[reply[1]]
@@ -191,7 +199,7 @@ class _ChainArguments:
     holds_and_outbox: Encoded  # KEYS[1], KEYS[2]
     events: Encoded  # KEYS[5]
     nodes: Encoded  # KEYS[7..]: the chain's node hashes
-    tail: Encoded  # ARGV[22..]: holds_per_wallet_max, then the chain's node ids
+    tail: Encoded  # ARGV[22..]: holds_per_wallet_max, the account's time zone, then the chain's node ids
 
 
 class ScriptBatcher:
@@ -415,9 +423,7 @@ class RedisStore:
         reply = await self._run("resolve", [self.keys.node(account_id, wallet_id)], [])
         if reply[0] == "ERR":
             if reply[1] == "NOT_A_WALLET":
-                raise InvalidArgumentError(
-                    f"{wallet_id!r} is {with_article(str(reply[2]))}, not a wallet: agents spend from wallets"
-                )
+                raise _not_a_wallet(wallet_id, str(reply[2]))
             raise NotFoundError(f"no wallet {wallet_id!r}")
         count = int(reply[4])
         node_ids = tuple(str(reply[5 + 2 * i]) for i in range(count))
@@ -428,6 +434,10 @@ class RedisStore:
             currency=str(reply[2]),
             time_zone=str(reply[3]),
         )
+
+    async def node_ids(self, account_id: str) -> list[str]:
+        """Return the ids of an account's nodes (every kind), in no order."""
+        return [str(node_id) for node_id in await self._call(self._client.smembers(self.keys.nodes(account_id)))]
 
     async def account_ids(self) -> list[str]:
         """Return every account id."""
@@ -456,8 +466,11 @@ class RedisStore:
         windows: WindowIds,
         now_ms: int,
         token_mode: str = "",
-    ) -> tuple[AuthorizeResult, bool]:
-        """Decide and apply one authorization in one script call (the caller's token checked first)."""
+    ) -> AuthorizeOutcome:
+        """Decide and apply one authorization in one script call (the caller's token checked first).
+
+        The script walks a chain that is unresolved or out of date itself (see authorize.lua's step 1).
+        """
         account = chain.account_id
         fixed = self._chain_arguments.get(chain)
         if fixed is None:
@@ -498,6 +511,10 @@ class RedisStore:
         if reply[0] == "ERR":
             code, detail = reply[1], reply[2]
             await self._raise_token_error(str(code), str(detail), token_mode)
+            if code == "NOT_FOUND":
+                raise NotFoundError(f"no wallet {chain.wallet_id!r} in account {account!r}")
+            if code == "NOT_A_WALLET":
+                raise _not_a_wallet(chain.wallet_id, str(detail))
             if code == "STALE_CHAIN":
                 raise StaleChainError(detail)
             if code == "IDEMPOTENCY_CONFLICT":
@@ -515,7 +532,17 @@ class RedisStore:
                     f"currency {command.currency!r} is not the currency of account {account!r} ({detail})"
                 )
             raise RuntimeError(f"authorize.lua answered an unknown error {code!r}")
-        return _authorize_result(reply, command), reply[18] == "1"
+        walked = None
+        if len(reply) > _AUTHORIZE_REPLY_LENGTH:
+            # The chain the script walked: topo, currency, then the node ids.
+            walked = Chain(
+                account_id=account,
+                node_ids=tuple(str(node_id) for node_id in reply[_AUTHORIZE_REPLY_LENGTH + 2 :]),
+                topo=str(reply[_AUTHORIZE_REPLY_LENGTH]),
+                currency=str(reply[_AUTHORIZE_REPLY_LENGTH + 1]),
+                time_zone=chain.time_zone,
+            )
+        return AuthorizeOutcome(_authorize_result(reply, command), reply[18] == "1", walked)
 
     def _chain_arguments_of(self, chain: Chain) -> _ChainArguments:
         account = chain.account_id
@@ -527,8 +554,11 @@ class RedisStore:
             holds_and_outbox=shared[0],
             events=shared[1],
             nodes=Encoded(*(self.keys.node(account, node_id) for node_id in chain.node_ids)),
-            tail=Encoded(self._holds_per_wallet_max, *chain.node_ids),
+            tail=Encoded(self._holds_per_wallet_max, chain.time_zone, *chain.node_ids),
         )
+        if not chain.resolved:
+            # Used once: the first call's reply carries the chain that later calls use.
+            return fixed
         if len(self._chain_arguments) >= CHAIN_ARGUMENTS_CACHED_MAX:
             self._chain_arguments.clear()
             self._account_arguments.clear()
@@ -772,7 +802,7 @@ class RedisStore:
         info = await self._call(self._client.hmget(self.keys.node(account_id, account_id), ["cur", "tz"]))
         if info[0] is None:
             return None
-        node_ids = sorted(str(i) for i in await self._call(self._client.smembers(self.keys.nodes(account_id))))
+        node_ids = sorted(await self.node_ids(account_id))
         specs: dict[str, NodeSpec] = {}
         for start in range(0, len(node_ids), PUT_BATCH_SIZE):
             batch = node_ids[start : start + PUT_BATCH_SIZE]

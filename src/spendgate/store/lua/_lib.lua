@@ -293,3 +293,32 @@ local function check_token(mode, token_key, wallet_id)
   end
   return nil
 end
+
+-- Walk a wallet's chain up its parents' keys, from the wallet's key: returns {ids = ..., keys = ..., topo,
+-- cur, tz} (ids and keys wallet first, account last; topo, cur and tz the account's), or nil and an error
+-- reply: NOT_FOUND, or NOT_A_WALLET with the node's kind. Every parent key carries the wallet's hash tag (the
+-- account's), so on a cluster the walk stays on the wallet's shard. A tree deeper than 32 levels is refused
+-- when a plan is applied; the bound also stops a corrupted cycle.
+local function walk_chain(key)
+  local kind = redis.call('HGET', key, 'kind')
+  if not kind then
+    return nil, {'ERR', 'NOT_FOUND', ''}
+  end
+  if kind ~= 'wallet' then
+    return nil, {'ERR', 'NOT_A_WALLET', kind}
+  end
+  local ids, keys = {}, {}
+  for _ = 1, 32 do
+    local v = redis.call('HMGET', key, 'id', 'kind', 'pkey', 'topo', 'cur', 'tz')
+    ids[#ids + 1] = v[1]
+    keys[#keys + 1] = key
+    if v[2] == 'account' then
+      return {ids = ids, keys = keys, topo = v[4], cur = v[5], tz = v[6]}
+    end
+    if not v[3] then
+      return nil, {'ERR', 'NOT_FOUND', ''}
+    end
+    key = v[3]
+  end
+  return nil, {'ERR', 'NOT_FOUND', 'cycle'}
+end

@@ -6,9 +6,10 @@
 -- KEYS[4]    the hold to create
 -- KEYS[5]    the account's event stream (the live feed; capped)
 -- KEYS[6]    the caller's token record in this account (see check_token)
--- KEYS[7..]  the chain's node hashes: the wallet first, the account last
+-- KEYS[7..]  the chain's node hashes: the wallet first, the account last; or the wallet's alone, with topo
+--            '', for a wallet whose chain the caller has not resolved
 -- ARGV[1]    now_ms              the caller's clock, milliseconds since the Unix epoch
--- ARGV[2]    topo                the account's tree version the caller resolved the chain at
+-- ARGV[2]    topo                the account's tree version the caller resolved the chain at ('' for none)
 -- ARGV[3]    amount_micros       positive integer string, at most 1e15
 -- ARGV[4]    currency            ISO 4217 code
 -- ARGV[5]    service             what is paid for ('' = unnamed)
@@ -27,12 +28,15 @@
 -- ARGV[21]   token_mode          '' (auth off), '*' (root token) or the caller's token hash
 -- ARGV[22]   holds_per_wallet_max  the most open holds one wallet may have (a bound, not a limit: past it
 --                                  the request is refused with HOLDS_EXHAUSTED, not denied)
--- ARGV[23..] the chain's node ids, in the order of KEYS[7..]
+-- ARGV[23]   time_zone           the account's time zone, in which the caller named the windows
+-- ARGV[24..] the chain's node ids, in the order of KEYS[7..]
 --
 -- Returns {'OK', decision, authorization_id, reason, denied_node, denied_window, tight_node, tight_window,
 --          tight_limit, tight_remaining, hold_expires_at_ms, hold_state, captured_micros, denied_limit,
---          denied_used, would_reason, would_node, would_window, replayed}
---      or {'ERR', code, detail} with code UNAUTHENTICATED, PERMISSION_DENIED, STALE_CHAIN,
+--          denied_used, would_reason, would_node, would_window, replayed}, followed by topo, currency and the
+--          chain's node ids (wallet first) when the script walked the chain itself (step 1)
+--      or {'ERR', code, detail} with code UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, NOT_A_WALLET (detail:
+--         the node's kind), STALE_CHAIN (the account's time zone is not ARGV[23]; detail: the zone),
 --         IDEMPOTENCY_CONFLICT, CURRENCY_MISMATCH or HOLDS_EXHAUSTED; an error changes nothing (apart from
 --         releasing expired holds, as the sweeper would).
 -- decision: 1 approved, 2 denied. reason: 0 none, 1 frozen, 2 service not allowed, 3 per-transaction,
@@ -62,8 +66,11 @@ local amount = tonumber(amount_str)
 local capture = ARGV[6] == '1'
 local FIXED = 6
 local chain_length = #KEYS - FIXED
-local ID0 = 22
+local ID0 = 23
 local account_key = KEYS[#KEYS]
+-- The chain's node keys are node_keys[key_base + i]: the caller's KEYS, or those of the walk in step 1.
+local node_keys, key_base = KEYS, FIXED
+local ids = {unpack(ARGV, ID0 + 1, ID0 + chain_length)}
 
 -- 0. The caller may act on this wallet.
 local refused = check_token(ARGV[21], KEYS[6], ARGV[ID0 + 1])
@@ -88,12 +95,41 @@ local function read_node(key)
     m.shd, m.brk, m.hc, m.topo, m.cur, nil, nil, nil, nil, nil}
 end
 
--- 1. The chain the caller resolved must still be the account's tree. The account's read serves step 4 too.
+-- 1. The chain the caller resolved must still be the account's tree. When it is not (the tree changed, or the
+-- caller sent the wallet alone), the chain is walked here from the wallet, and the reply carries it: a wallet's
+-- first call, or its first after a change of the tree, is still one round trip. The account's read serves
+-- step 4 too.
 setresp(3)
 local account = read_node(account_key)
 setresp(2)
+local walked
 if account[30] ~= ARGV[2] then
-  return {'ERR', 'STALE_CHAIN', tostring(account[30] or false)}
+  local refused_walk
+  walked, refused_walk = walk_chain(KEYS[FIXED + 1])
+  if not walked then
+    return refused_walk
+  end
+  if walked.tz ~= ARGV[ID0] then
+    -- The windows in ARGV were named in another time zone.
+    return {'ERR', 'STALE_CHAIN', tostring(walked.tz or false)}
+  end
+  node_keys, key_base, ids, chain_length = walked.keys, 0, walked.ids, #walked.ids
+  account_key = node_keys[chain_length]
+  setresp(3)
+  account = read_node(account_key)
+  setresp(2)
+end
+
+-- An answer, with the walked chain after it (see the header).
+local function answer(reply)
+  if walked then
+    reply[#reply + 1] = walked.topo
+    reply[#reply + 1] = walked.cur
+    for i = 1, chain_length do
+      reply[#reply + 1] = ids[i]
+    end
+  end
+  return reply
 end
 
 -- 2. Idempotency: the same key answers the same request once; a different request is refused. The record
@@ -106,7 +142,7 @@ if record then
   end
   local replay = split(string.sub(record, newline + 1), '\t')
   replay[#replay + 1] = '1'
-  return replay
+  return answer(replay)
 end
 
 if account[31] ~= ARGV[4] then
@@ -136,11 +172,10 @@ local service = ARGV[5]
 -- what counts against the limit (nothing when the stored id is not the one in force). v[36]: the
 -- transactions counted in the current minute. Counters are parsed only where needed: an unlimited window's
 -- only in step 6, and only the one written.
-local ids = {unpack(ARGV, ID0 + 1, ID0 + chain_length)}
 local vals = {nil, nil, nil, nil}
 setresp(3)
 for i = 1, chain_length - 1 do
-  vals[i] = read_node(KEYS[FIXED + i])
+  vals[i] = read_node(node_keys[key_base + i])
 end
 setresp(2)
 vals[chain_length] = account
@@ -245,7 +280,7 @@ if reason == 0 then
   local updates = {nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil}
   for i = 1, chain_length do
     local v = vals[i]
-    local key = KEYS[FIXED + i]
+    local key = node_keys[key_base + i]
     local n = 0
     for j = 1, 4 do
       local base = 5 * j + 1
@@ -330,7 +365,7 @@ if reason == 0 then
     local expires_at = tonumber(now_ms) + tonumber(ARGV[8])
     hold_state, hold_expires_at = HELD, expires_at
     call('HSET', hold_key, 'st', '1', 'amt', amount_str, 'exp', int_str(expires_at), 'at', now_ms, -- '1': HELD
-      'keys', table.concat(KEYS, ',', FIXED + 1, FIXED + chain_length), 'ids', chain_ids,
+      'keys', table.concat(node_keys, ',', key_base + 1, key_base + chain_length), 'ids', chain_ids,
       'win', day .. ',' .. week .. ',' .. month, 'svc', service, 'md', ARGV[16], 'cur', ARGV[4], 'ik', ARGV[17],
       'wal', ids[1])
     call('ZADD', KEYS[1], int_str(expires_at), hold_key)
@@ -367,4 +402,4 @@ event_append(KEYS[5], ARGV[20], now_ms, '1', ids[1], chain_ids, amount_str, -- '
   'dec', result[2], 'rsn', result[4], 'auth', authorization_id, 'win', result[6], 'by', denied_node)
 -- The record keeps the answer without its last field (replayed), which a replay sets to '1'.
 call('SET', KEYS[3], ARGV[7] .. '\n' .. table.concat(result, '\t', 1, 18), 'PX', ARGV[9])
-return result
+return answer(result)
