@@ -668,7 +668,7 @@ async def test_an_idempotency_key_is_scoped_to_its_wallet(acme: SpendCore) -> No
 class SpyStore:
     """Passes every call to a store, recording the hot path's calls to Redis and the chains authorize walked."""
 
-    LOOKUPS = ("account_of", "account_info", "account_ids", "node_ids", "resolve_wallet")
+    LOOKUPS = ("account_of", "account_info", "account_ids", "node_ids", "resolve_wallet", "budget")
 
     def __init__(self, inner: RedisStore) -> None:
         self.inner = inner
@@ -769,6 +769,28 @@ async def test_a_burst_of_first_calls_looks_up_each_account_once(
 
     assert all(result.approved for result in results)
     assert collections.Counter(spy.take()) == {"account_of": 2, "account_info": 1, "authorize": 40}
+
+
+async def test_a_budget_of_a_node_whose_account_is_known_is_one_round_trip(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock
+) -> None:
+    await acme.authorize(command("r1", 2 * USD))
+    unhinted = await replica.get_budget("research")
+    assert spy.take() == ["account_of", "account_info", "budget"]
+
+    await replica.load_account_hints()
+    spy.take()
+    hinted = await replica.get_budget("research")
+
+    assert spy.take() == ["budget"]
+    assert hinted == unhinted
+    assert hinted.window(Window.MONTH).held_micros == 2 * USD
+    # A hinted node deleted since: the budget script finds nothing, the index confirms.
+    await spy.inner.delete_node("acme", "direct", force=False, windows=windows_at(clock.now_ms(), "UTC"))
+    spy.take()
+    with pytest.raises(NotFoundError, match="no node 'direct'"):
+        await replica.get_budget("direct")
+    assert spy.take() == ["budget", "account_of"]
 
 
 async def test_a_wallet_moved_to_another_pool_is_walked_again_in_the_same_round_trip(

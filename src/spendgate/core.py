@@ -274,6 +274,21 @@ class SpendCore:
     async def get_budget(self, node_id: str) -> NodeBudget:
         """Report a node's budget in the windows open now."""
         check_id(node_id, "node_id")
+        account_id = self._account_hints.get(node_id)
+        info = self._accounts.get(account_id) if account_id is not None else None
+        if info is not None:
+            # One round trip where the node's account is known (the metrics collector reads many budgets).
+            now_ms = self.clock.now_ms()
+            try:
+                budget = await self.store.budget(info.account_id, node_id, windows_at(now_ms, info.time_zone), now_ms)
+            except NotFoundError:
+                budget = None  # Not in that account (any more).
+            if budget is None:
+                self._account_hints.pop(node_id, None)
+            elif budget.time_zone == info.time_zone:
+                return budget
+            else:
+                self._accounts.pop(info.account_id, None)
         account_id = await self.store.account_of(node_id)
         info = await self.store.account_info(account_id)
         now_ms = self.clock.now_ms()

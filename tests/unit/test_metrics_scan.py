@@ -1,19 +1,19 @@
-"""The metrics collector stays within its scan budget: past it, it reads no more plans (they can be 10,000 nodes)."""
+"""The metrics collector stays within its scan budget: past it, it lists no more accounts' nodes (10,000 each)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from spendgate.domain import AccountPlan, NodeKind, NodeSpec, NotFoundError, Window, WindowBudget
+from spendgate.domain import NotFoundError, Window, WindowBudget
 from spendgate.metrics import Metrics, collect_once
 from spendgate.store.protocol import Backlog
 
 
 class _Store:
-    """Three accounts of three nodes each; records which plans were read."""
+    """Three accounts of three nodes each; records whose nodes were listed."""
 
     def __init__(self) -> None:
-        self.plans_read: list[str] = []
+        self.listed: list[str] = []
 
     async def account_ids(self) -> list[str]:
         return ["a1", "a2", "a3"]
@@ -21,17 +21,19 @@ class _Store:
     async def backlog(self, account_id: str) -> Backlog:
         return Backlog(holds=1, outbox_entries=2, outbox_oldest_age_ms=0)
 
-    async def read_plan(self, account_id: str) -> AccountPlan:
-        self.plans_read.append(account_id)
-        nodes = [NodeSpec(node_id=f"{account_id}-n{i}", kind=NodeKind.WALLET, parent_id=account_id) for i in range(3)]
-        return AccountPlan(account_id=account_id, currency="USD", time_zone="UTC", nodes=tuple(nodes))
+    async def node_ids(self, account_id: str) -> list[str]:
+        self.listed.append(account_id)
+        return [f"{account_id}-n{i}" for i in (2, 0, 1)]  # In no order, as a Redis set's members.
+
+    async def read_plan(self, account_id: str) -> Any:
+        raise AssertionError("the collector reads every node of a plan it reads, where it needs their ids")
 
 
 class _Budget:
     windows: tuple[Any, ...] = ()
 
 
-async def test_the_scan_stops_reading_plans_once_its_budget_is_spent_but_every_backlog_is_reported() -> None:
+async def test_the_scan_stops_listing_nodes_once_its_budget_is_spent_but_every_backlog_is_reported() -> None:
     store = _Store()
     metrics = Metrics(nodes_max=2, nodes_scan_max=4)
     budgets_read: list[str] = []
@@ -42,7 +44,7 @@ async def test_the_scan_stops_reading_plans_once_its_budget_is_spent_but_every_b
 
     await collect_once(metrics, store, budgets)  # type: ignore[arg-type]
 
-    assert store.plans_read == ["a1", "a2"]
+    assert store.listed == ["a1", "a2"]
     assert budgets_read == ["a1-n0", "a1-n1", "a1-n2", "a2-n0"]
     for account in ("a1", "a2", "a3"):
         assert metrics.registry.get_sample_value("spendgate_holds_outstanding", {"account": account}) == 1
