@@ -47,6 +47,7 @@ from spendgate.domain import (
     NodeKind,
     NodeWindow,
     NotFoundError,
+    PermissionDeniedError,
     RemainingBudget,
     ResourceExhaustedError,
     VoidResult,
@@ -54,7 +55,7 @@ from spendgate.domain import (
 )
 from spendgate.money import MONEY_MICROS_MAX
 from spendgate.plan import PlanError
-from spendgate.store.protocol import Chain
+from spendgate.store.protocol import Chain, TokenRecord
 from spendgate.store.redis_store import RedisStore
 from spendgate.windows import windows_at
 
@@ -777,14 +778,18 @@ async def test_a_budget_of_a_node_whose_account_is_known_is_one_round_trip(
     await acme.authorize(command("r1", 2 * USD))
     unhinted = await replica.get_budget("research")
     assert spy.take() == ["account_of", "account_info", "budget"]
+    again = await replica.get_budget("research")  # The lookup was kept.
+    assert spy.take() == ["budget"]
 
     await replica.load_account_hints()
     spy.take()
-    hinted = await replica.get_budget("research")
+    hinted = await replica.get_budget("sales")
 
     assert spy.take() == ["budget"]
-    assert hinted == unhinted
-    assert hinted.window(Window.MONTH).held_micros == 2 * USD
+    assert again == unhinted
+    assert hinted.kind is NodeKind.POOL
+    assert again.window(Window.MONTH).held_micros == 2 * USD
+    assert hinted.window(Window.MONTH).limit_micros == 200 * USD
     # A hinted node deleted since: the budget script finds nothing, the index confirms.
     await spy.inner.delete_node("acme", "direct", force=False, windows=windows_at(clock.now_ms(), "UTC"))
     spy.take()
@@ -846,6 +851,46 @@ async def test_a_wallet_moved_to_another_account_is_found_through_the_index(
     assert [chain.node_ids for chain in spy.walked] == [("direct", "globex")]
     assert (await usage(acme, "globex"))[Window.MONTH] == Usage(USD, 0)
     assert (await usage(acme, "acme"))[Window.MONTH] == Usage(0, 0)
+
+
+async def test_an_agent_token_on_a_wallet_moved_to_another_account_is_checked_in_the_new_one(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock
+) -> None:
+    await replica.load_account_hints()  # "direct" is hinted in acme.
+    await spy.inner.delete_node("acme", "direct", force=False, windows=windows_at(clock.now_ms(), "UTC"))
+    globex = {"account": {"id": "globex", "limits": {"month": 100}}, "wallets": [{"id": "direct"}]}
+    await acme.apply_plan(plan_from(globex))
+    token = TokenRecord("a" * 64, "t1", "agent", "direct", "globex", "direct's agent", clock.now_ms())
+    await spy.inner.create_token(token)
+    spy.take()
+
+    result = await replica.authorize(command("direct", USD, capture=True), token_mode=token.token_hash)
+
+    # The script walked before it checked the token: NOT_FOUND in acme, then the token checked in globex.
+    assert result.approved, result.message
+    assert spy.take() == ["authorize", "account_of", "account_info", "authorize"]
+    with pytest.raises(PermissionDeniedError, match="another account"):
+        await replica.authorize(command("r1", USD), token_mode=token.token_hash)
+
+
+async def test_hints_stop_at_their_bound_and_a_wallet_past_it_is_looked_up_once(
+    acme: SpendCore, spy: SpyStore, clock: ManualClock
+) -> None:
+    bounded = SpendCore(spy, clock, account_hints_size_max=3)  # type: ignore[arg-type]
+    assert await bounded.load_account_hints() == 3  # Of acme's seven nodes.
+    spy.take()
+
+    for wallet in ("r1", "r2", "s1", "direct"):
+        await bounded.authorize(command(wallet, USD))
+    first = spy.take()
+    for wallet in ("r1", "r2", "s1", "direct"):
+        await bounded.authorize(command(wallet, USD))
+
+    # At least one of the four wallets was left out (three hints), and each left out is looked up once.
+    assert 1 <= first.count("account_of") <= 4
+    assert first.count("authorize") == 4
+    assert spy.take() == ["authorize"] * 4  # Their chains are cached.
+    assert await bounded.load_account_hints() == 3  # The lookups added no hints past the bound.
 
 
 async def test_a_hinted_wallet_deleted_since_is_not_found_and_nothing_changes(

@@ -38,6 +38,8 @@ from spendgate.windows import windows_at
 
 _AUTHORIZATION_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 AUTHORIZATION_ID_LENGTH_MAX = 64 + 1 + 32
+# How many accounts SpendCore.load_account_hints reads concurrently.
+ACCOUNTS_LOADED_AT_ONCE = 64
 
 
 class _RandomTokens:
@@ -150,15 +152,27 @@ class SpendCore:
         Without them it looks up the wallet's account first (and the account's time zone, once per account).
         At most ``account_hints_size_max`` nodes are learnt.
         """
-        for account_id in await self.store.account_ids():
-            try:
-                self._accounts[account_id] = await self.store.account_info(account_id)
-            except NotFoundError:
-                continue  # Deleted since it was listed.
-            for node_id in await self.store.node_ids(account_id):
-                if not self._hint(node_id, account_id):
-                    return len(self._account_hints)
+        account_ids = await self.store.account_ids()
+        # Accounts are read a batch at a time, concurrently: their calls share round trips.
+        for start in range(0, len(account_ids), ACCOUNTS_LOADED_AT_ONCE):
+            batch = account_ids[start : start + ACCOUNTS_LOADED_AT_ONCE]
+            for account_id, nodes in zip(
+                batch, await asyncio.gather(*(self._account_nodes(account_id) for account_id in batch)), strict=True
+            ):
+                if nodes is None:
+                    continue  # Deleted since it was listed.
+                self._accounts[account_id] = nodes[0]
+                for node_id in nodes[1]:
+                    if not self._hint(node_id, account_id):
+                        return len(self._account_hints)
         return len(self._account_hints)
+
+    async def _account_nodes(self, account_id: str) -> tuple[AccountInfo, list[str]] | None:
+        try:
+            info = await self.store.account_info(account_id)
+        except NotFoundError:
+            return None
+        return info, await self.store.node_ids(account_id)
 
     def _hint(self, node_id: str, account_id: str) -> bool:
         if len(self._account_hints) >= self._account_hints_size_max and node_id not in self._account_hints:
@@ -200,7 +214,8 @@ class SpendCore:
 
     def _cache(self, chain: Chain) -> None:
         if len(self._chains) >= self._chain_cache_size_max:
-            # A bound, not an LRU: a dropped chain costs its wallet's next decision a walk, not a round trip.
+            # A bound, not an LRU: a dropped chain costs its wallet's next decision a walk inside its round trip
+            # (and a lookup first, for a wallet the hints lack).
             self._chains.clear()
         self._chains[chain.wallet_id] = chain
 
@@ -290,7 +305,8 @@ class SpendCore:
             else:
                 self._accounts.pop(info.account_id, None)
         account_id = await self.store.account_of(node_id)
-        info = await self.store.account_info(account_id)
+        info = self._accounts[account_id] = await self.store.account_info(account_id)
+        self._hint(node_id, account_id)
         now_ms = self.clock.now_ms()
         return await self.store.budget(account_id, node_id, windows_at(now_ms, info.time_zone), now_ms)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pathlib
 import signal
@@ -12,14 +13,15 @@ from typing import Any
 import fakeredis
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from helpers import eventually, free_port
+from helpers import delete_prefix, eventually, free_port
 from spendgate import AsyncClient
 from spendgate._gen.spendgate.v1 import admin_pb2, admin_pb2_grpc, spend_pb2, spend_pb2_grpc
-from spendgate.app import create_server
+from spendgate.app import create_server, running_server
 from spendgate.clock import ManualClock
 from spendgate.settings import Settings
 
@@ -59,32 +61,51 @@ async def test_health_check_says_serving(gate: Gate) -> None:
     await eventually(spend_service_serving, what="spendgate.v1.SpendService to be SERVING")
 
 
-@pytest.mark.parametrize("backend_kind", ["fakeredis"])
-async def test_a_wallets_first_call_after_start_decides_without_looking_up_its_account(
-    gate: Gate, monkeypatch: pytest.MonkeyPatch
+async def test_a_server_started_on_a_fleet_already_in_redis_decides_first_calls_without_lookups(
+    backend_kind: str,
+    clock: ManualClock,
+    key_prefix: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The server learnt every node's account when it started; the decision walks the wallet's chain itself.
-    store = gate.server.core.store
+    # The fleet is put in Redis by one server; another starts without a plan, as a replica or after a restart.
+    # It learnt every node's account when it started; the decision walks the wallet's chain itself.
+    redis_url = str(request.getfixturevalue("redis_url")) if backend_kind == "redis" else ""
+    client = fakeredis.FakeAsyncRedis(decode_responses=True) if not redis_url else None
+    settings = Settings(port=0, key_prefix=key_prefix, hold_ttl_s=HOLD_TTL_S, redis_url=redis_url)
     looked_up: list[tuple[str, str]] = []
-    for name in ("account_of", "account_info", "resolve_wallet"):
-        original = getattr(store, name)
+    try:
+        async with running_server(dataclasses.replace(settings, plan=str(FLEET)), clock=clock, client=client):
+            pass
+        async with (
+            running_server(settings, clock=clock, client=client) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            store = server.core.store
+            for name in ("account_of", "account_info", "resolve_wallet"):
+                original = getattr(store, name)
 
-        async def recorded(node_id: str, name: str = name, original: Any = original) -> Any:
-            task = asyncio.current_task()
-            # The metrics collector reads every node's budget in a task of its own, looking up accounts.
-            if task is None or task.get_name() != "metrics":
-                looked_up.append((name, node_id))
-            return await original(node_id)
+                async def recorded(node_id: str, name: str = name, original: Any = original) -> Any:
+                    task = asyncio.current_task()
+                    # The metrics collector reads every node's budget in a task of its own.
+                    if task is None or task.get_name() != "metrics":
+                        looked_up.append((name, node_id))
+                    return await original(node_id)
 
-        monkeypatch.setattr(store, name, recorded)
-
-    for wallet in ("research-agent-01", "research-agent-02", "sales-agent-01"):
-        response = await gate.stub.Authorize(authorize_request(wallet), timeout=CALL_TIMEOUT_S)
-        assert response.decision == spend_pb2.DECISION_APPROVED, response.message
+                monkeypatch.setattr(store, name, recorded)
+            stub = spend_pb2_grpc.SpendServiceStub(channel)
+            for wallet in ("research-agent-01", "research-agent-02", "sales-agent-01"):
+                response = await stub.Authorize(authorize_request(wallet), timeout=CALL_TIMEOUT_S)
+                assert response.decision == spend_pb2.DECISION_APPROVED, response.message
+    finally:
+        if redis_url:
+            async with aioredis.Redis.from_url(redis_url, decode_responses=True) as cleaner:
+                await delete_prefix(cleaner, key_prefix)
 
     assert looked_up == []
 
 
+@pytest.mark.parametrize("backend_kind", ["fakeredis"])
 async def test_reflection_describes_the_spend_service(gate: Gate) -> None:
     def describe() -> tuple[list[str], list[str], str]:
         with grpc.insecure_channel(gate.address) as channel:

@@ -132,7 +132,8 @@ class Authenticator:
     async def refuse_before_miss(self, token_mode: str, wallet_id: str) -> None:
         """Raise what the decision script would have answered this caller, when the wallet was not found.
 
-        The hot path resolves the wallet before its script checks the token; on a miss this makes an unknown
+        The hot path finds the wallet (its account, then in the script its chain) before the script checks the
+        token; on a miss this makes an unknown
         token ``UNAUTHENTICATED`` and another wallet's agent ``PERMISSION_DENIED`` rather than ``NOT_FOUND``.
         It costs a lookup on the error path only.
         """

@@ -72,12 +72,6 @@ local account_key = KEYS[#KEYS]
 local node_keys, key_base = KEYS, FIXED
 local ids = {unpack(ARGV, ID0 + 1, ID0 + chain_length)}
 
--- 0. The caller may act on this wallet.
-local refused = check_token(ARGV[21], KEYS[6], ARGV[ID0 + 1])
-if refused then
-  return refused
-end
-
 -- A node is read with one HGETALL: a listpack hash is walked once, where an HMGET searches it once per field
 -- asked (and most of the fields an authorization may need are usually absent, each a search of the whole
 -- hash). The reads are made in RESP3, where HGETALL answers a map ({map = {field = value}}), so the fields
@@ -98,7 +92,8 @@ end
 -- 1. The chain the caller resolved must still be the account's tree. When it is not (the tree changed, or the
 -- caller sent the wallet alone), the chain is walked here from the wallet, and the reply carries it: a wallet's
 -- first call, or its first after a change of the tree, is still one round trip. The account's read serves
--- step 4 too.
+-- step 4 too. The walk comes before the token check: a wallet that is not in this account (the caller's
+-- idea of its account is out of date) is NOT_FOUND, which the caller can put right, whatever its token.
 setresp(3)
 local account = read_node(account_key)
 setresp(2)
@@ -114,10 +109,19 @@ if account[30] ~= ARGV[2] then
     return {'ERR', 'STALE_CHAIN', tostring(walked.tz or false)}
   end
   node_keys, key_base, ids, chain_length = walked.keys, 0, walked.ids, #walked.ids
-  account_key = node_keys[chain_length]
-  setresp(3)
-  account = read_node(account_key)
-  setresp(2)
+  if node_keys[chain_length] ~= account_key then
+    -- The caller sent the wallet alone: what was read above is the wallet.
+    account_key = node_keys[chain_length]
+    setresp(3)
+    account = read_node(account_key)
+    setresp(2)
+  end
+end
+
+-- The caller may act on this wallet.
+local refused = check_token(ARGV[21], KEYS[6], ARGV[ID0 + 1])
+if refused then
+  return refused
 end
 
 -- An answer, with the walked chain after it (see the header).
