@@ -833,13 +833,18 @@ async def test_a_wallet_moved_to_another_pool_is_walked_again_in_the_same_round_
     assert (await usage(acme, "sales"))[Window.MONTH] == Usage(USD, 0)
 
 
-async def test_a_wallet_moved_to_another_account_is_found_through_the_index(
-    acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock
-) -> None:
-    await replica.load_account_hints()  # "direct" is hinted in acme.
+async def move_direct_to_globex_behind(replica: SpendCore, acme: SpendCore, spy: SpyStore, clock: ManualClock) -> None:
+    """The replica learns that "direct" is in acme; then, through the other server, it moves to globex."""
+    await replica.load_account_hints()
     await spy.inner.delete_node("acme", "direct", force=False, windows=windows_at(clock.now_ms(), "UTC"))
     globex = {"account": {"id": "globex", "limits": {"month": 100}}, "wallets": [{"id": "direct"}]}
     await acme.apply_plan(plan_from(globex))
+
+
+async def test_a_wallet_moved_to_another_account_is_found_through_the_index(
+    acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock
+) -> None:
+    await move_direct_to_globex_behind(replica, acme, spy, clock)
     spy.take()
 
     result = await replica.authorize(command("direct", USD, capture=True))
@@ -856,10 +861,7 @@ async def test_a_wallet_moved_to_another_account_is_found_through_the_index(
 async def test_an_agent_token_on_a_wallet_moved_to_another_account_is_checked_in_the_new_one(
     acme: SpendCore, replica: SpendCore, spy: SpyStore, clock: ManualClock
 ) -> None:
-    await replica.load_account_hints()  # "direct" is hinted in acme.
-    await spy.inner.delete_node("acme", "direct", force=False, windows=windows_at(clock.now_ms(), "UTC"))
-    globex = {"account": {"id": "globex", "limits": {"month": 100}}, "wallets": [{"id": "direct"}]}
-    await acme.apply_plan(plan_from(globex))
+    await move_direct_to_globex_behind(replica, acme, spy, clock)
     token = TokenRecord("a" * 64, "t1", "agent", "direct", "globex", "direct's agent", clock.now_ms())
     await spy.inner.create_token(token)
     spy.take()
