@@ -106,3 +106,53 @@ async def test_racing_captures_and_voids_of_one_hold_resolve_it_exactly_once(
     assert (len(captures), len(voids)) in ((1, 0), (0, 20))
     total = (await core.get_budget("w")).window(Window.TOTAL)
     assert (total.spent_micros, total.held_micros) == ((3 * USD if captures else 0), 0)
+
+
+async def test_one_shots_racing_a_move_of_their_wallet_to_another_pool_keep_both_pools_within_limits(
+    make_store: Callable[..., RedisStore], clock: ManualClock, key_prefix: str
+) -> None:
+    # Four replicas with caches of their own, two of which learnt the fleet's accounts at start; while their
+    # calls race, the wallet moves from p1 ($30 a month) to p2 ($20) through another server. A decision on a
+    # chain the move made out of date walks the new one in the same atomic step, so each pool counts only what
+    # was spent under it.
+    tree = {
+        "account": {"id": "acme", "limits": {"month": 1000}},
+        "pools": [
+            {"id": "p1", "limits": {"month": 30}, "wallets": [{"id": "w", "limits": {"day": 100}}]},
+            {"id": "p2", "limits": {"month": 20}},
+        ],
+    }
+    admin = SpendCore(make_store(key_prefix), clock)
+    await admin.apply_plan(plan_from(tree))
+    replicas = [SpendCore(make_store(key_prefix), clock) for _ in range(4)]
+    for replica in replicas[:2]:
+        await replica.load_account_hints()
+    moved = {
+        "account": tree["account"],
+        "pools": [{"id": "p1", "limits": {"month": 30}}, {**tree["pools"][1], "wallets": tree["pools"][0]["wallets"]}],
+    }
+
+    # Each replica caches the wallet's chain under p1, then the calls race the move, then more follow it.
+    first = [await replica.authorize(command("w", USD, capture=True)) for replica in replicas]
+    wave = [replicas[i % 4].authorize(command("w", USD, capture=True)) for i in range(150)]
+    *racing, _ = await asyncio.gather(*wave, admin.apply_plan(plan_from(moved)))
+    after = await asyncio.gather(*(replicas[i % 4].authorize(command("w", USD, capture=True)) for i in range(50)))
+    results = [*first, *racing, *after]
+
+    approved = sum(result.approved for result in results)
+    p1 = (await admin.get_budget("p1")).window(Window.MONTH).spent_micros
+    p2 = (await admin.get_budget("p2")).window(Window.MONTH).spent_micros
+    assert p1 <= 30 * USD
+    assert p2 == 20 * USD  # The calls after the move fill it.
+    assert p1 + p2 == approved * USD
+    assert (await admin.get_budget("w")).window(Window.DAY).spent_micros == approved * USD
+    assert (await admin.get_budget("acme")).window(Window.MONTH).spent_micros == approved * USD
+    store = replicas[0].store
+    assert isinstance(store, RedisStore)
+    outbox = await store.client.xrange(store.keys.outbox("acme"))
+    chains = collections.Counter(fields["chain"] for _, fields in outbox)
+    assert chains == +collections.Counter({"w,p1,acme": p1 // USD, "w,p2,acme": p2 // USD})
+    assert {r.denied_by for r in results if not r.approved} <= {
+        NodeWindow("p1", Window.MONTH),
+        NodeWindow("p2", Window.MONTH),
+    }
