@@ -133,9 +133,8 @@ class Authenticator:
         """Raise what the decision script would have answered this caller, when the wallet was not found.
 
         The hot path finds the wallet (its account, then in the script its chain) before the script checks the
-        token; on a miss this makes an unknown
-        token ``UNAUTHENTICATED`` and another wallet's agent ``PERMISSION_DENIED`` rather than ``NOT_FOUND``.
-        It costs a lookup on the error path only.
+        token; on a miss this makes an unknown token ``UNAUTHENTICATED`` and another wallet's agent
+        ``PERMISSION_DENIED`` rather than ``NOT_FOUND``. It costs a lookup on the error path only.
         """
         if token_mode in ("", "*"):
             return

@@ -467,9 +467,10 @@ class RedisStore:
         now_ms: int,
         token_mode: str = "",
     ) -> AuthorizeOutcome:
-        """Decide and apply one authorization in one script call (the caller's token checked first).
+        """Decide and apply one authorization in one script call.
 
-        The script walks a chain that is unresolved or out of date itself (see authorize.lua's step 1).
+        The script walks a chain that is unresolved or out of date itself (see authorize.lua's step 1), then
+        checks the caller's token, before anything is written.
         """
         account = chain.account_id
         fixed = self._chain_arguments.get(chain)
