@@ -188,12 +188,15 @@ class SpendCore:
         account_id = self._account_hints.get(wallet_id)
         if account_id is None:
             account_id = await self._look_up_account(wallet_id)
+        return unresolved_chain(await self._account_info(account_id), wallet_id)
+
+    async def _account_info(self, account_id: str) -> AccountInfo:
         info = self._accounts.get(account_id)
         if info is None:
             info = self._accounts[account_id] = await self._once(
                 ("account", account_id), lambda: self.store.account_info(account_id)
             )
-        return unresolved_chain(info, wallet_id)
+        return info
 
     async def _look_up_account(self, wallet_id: str) -> str:
         try:
@@ -305,7 +308,7 @@ class SpendCore:
             else:
                 self._accounts.pop(info.account_id, None)
         account_id = await self.store.account_of(node_id)
-        info = self._accounts[account_id] = await self.store.account_info(account_id)
+        info = await self._account_info(account_id)
         self._hint(node_id, account_id)
         now_ms = self.clock.now_ms()
         return await self.store.budget(account_id, node_id, windows_at(now_ms, info.time_zone), now_ms)
